@@ -1,0 +1,117 @@
+"""Daemon settings (``configs/daemon.yaml`` or ``<home>/daemon.yaml``), declared once and validated at start."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon.errors import InvalidInput, Problem
+from daemon.jobspec import JobSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WatchSettings(Strict):
+    rescan_seconds: float = Field(5.0, gt=0, description="Full inbox rescan (catches events the OS dropped).")
+    stable_seconds: float = Field(1.0, gt=0, description="Size and mtime unchanged this long = file complete.")
+    use_close_events: bool = Field(True, description="Treat an inotify close-after-write as complete at once.")
+
+
+class ConcurrencySettings(Strict):
+    jobs_per_gpu: int = Field(1, ge=1)
+    cpu_jobs: int = Field(1, ge=0, description="Jobs run at once on the CPU (when no GPU is free or present).")
+
+
+class SupervisorSettings(Strict):
+    stop_grace_seconds: float = Field(120.0, gt=0, description="How long a stopped stage may take to checkpoint.")
+    poll_seconds: float = Field(1.0, gt=0)
+    log_tail_lines: int = Field(40, ge=1)
+
+
+class DefaultJobSettings(Strict):
+    enabled: bool = True
+    delay_seconds: float = Field(5.0, ge=0, description="Wait this long for a job YAML naming the dataset.")
+    job: dict = Field(default_factory=lambda: {"base_model": "builtin:tiny"},
+                      description="Job keys applied to a dataset dropped without a job (name/datasets are filled in).")
+
+    def spec_for(self, dataset_name: str, job_name: str) -> JobSpec:
+        return JobSpec.model_validate({**self.job, "name": job_name, "datasets": [dataset_name]})
+
+
+class ResourceSettings(Strict):
+    check_seconds: float = Field(30.0, gt=0)
+    gpu_temp_c: float = 75.0
+    ram_percent: float = 95.0
+    cpu_percent: float = 90.0
+    cpu_sustained_seconds: float = 120.0
+    min_free_disk_gb: float = 5.0
+
+
+class NotifyBackendSettings(Strict):
+    desktop: bool = True
+    audio: bool = False
+    speak: bool = False
+    webhook_url: str | None = None
+    webhook_format: Literal["json", "ntfy", "slack"] = "json"
+    timeout_seconds: float = Field(5.0, gt=0)
+
+
+class NotifySettings(Strict):
+    backends: NotifyBackendSettings = NotifyBackendSettings()
+    events: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "job_succeeded": ["desktop", "audio", "webhook"],
+            "job_failed": ["desktop", "audio", "webhook"],
+            "job_interrupted": ["desktop"],
+            "job_waiting_too_long": ["desktop"],
+            "file_rejected": ["desktop"],
+            "resource_warning": ["desktop", "webhook"],
+            "model_exported": ["desktop", "audio", "webhook"],
+        },
+        description="Event name -> backends that receive it.",
+    )
+    rate_limit_per_minute: int = Field(6, ge=1)
+    waiting_too_long_seconds: float = Field(3600.0, gt=0)
+
+
+class DaemonSettings(Strict):
+    watch: WatchSettings = WatchSettings()
+    concurrency: ConcurrencySettings = ConcurrencySettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    default_job: DefaultJobSettings = DefaultJobSettings()
+    resources: ResourceSettings = ResourceSettings()
+    notify: NotifySettings = NotifySettings()
+
+
+def resolve_home(cli_home: str | None) -> Path:
+    """``--home``, else ``TRAINBOX_HOME``, else the current directory."""
+    return Path(cli_home or os.environ.get("TRAINBOX_HOME") or os.getcwd()).resolve()
+
+
+def load_settings(home: Path) -> DaemonSettings:
+    """``<home>/daemon.yaml`` if present, else ``<home>/configs/daemon.yaml``, else defaults."""
+    for candidate in (home / "daemon.yaml", home / "configs" / "daemon.yaml"):
+        if candidate.exists():
+            return _parse(candidate)
+    return DaemonSettings()
+
+
+def _parse(path: Path) -> DaemonSettings:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InvalidInput(str(path), [Problem(str(exc), line=mark.line + 1 if mark else None)],
+                           "not valid YAML") from None
+    try:
+        return DaemonSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = [Problem(e["msg"], key=".".join(map(str, e["loc"])),
+                            fix="see the commented configs/daemon.yaml for allowed keys and values")
+                    for e in exc.errors()]
+        raise InvalidInput(str(path), problems, "invalid daemon settings") from None

@@ -1,0 +1,253 @@
+"""Dataset row formats: detect, validate and normalise JSONL rows into one canonical ``Example``.
+
+Pure Python (no torch): the daemon validates with it at ingest, the stages read its output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from daemon.errors import InvalidInput, Problem
+from daemon.jobfile import decode_utf8
+
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "classification", "text")
+THINK_KEYS = ("task", "safety", "policy")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+MAX_REPORTED = 20
+FORMAT_HELP = (
+    "each line must be one JSON object in one of these formats: "
+    '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}, '
+    '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}, '
+    '{"prompt": "...", "completion": "..."}, {"instruction": "...", "input": "...", "output": "..."}, '
+    '{"text": "...", "label": "ALLOW"} or {"text": "..."}'
+)
+
+
+@dataclass
+class Example:
+    """One training row in canonical form (what ``prepare`` writes to its split files)."""
+
+    id: str
+    format: str
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+    label: str | None = None
+    think: dict[str, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Example":
+        return cls(**json.loads(line))
+
+
+@dataclass
+class DatasetInfo:
+    """What ingest learned about a valid dataset file."""
+
+    format: str
+    rows: int
+    labels: dict[str, int]
+    sha256: str
+    bytes: int
+
+
+def classification_target(label: str, think: dict[str, str] | None) -> str:
+    """The text a classifier is trained to emit: quadruple-thinking sections, then ``<final>``."""
+    if not think:
+        return label
+    parts = [f"<think-{k}>{think[k]}</think-{k}>" for k in THINK_KEYS if think.get(k)]
+    return "".join(parts) + f"<final>{label}</final>"
+
+
+def detect_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "label" in row and ("text" in row or "prompt" in row) and "completion" not in row:
+        return "classification"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "output" in row and ("instruction" in row or "input" in row):
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    return None
+
+
+class RowError(ValueError):
+    """A row that has a recognised format but wrong contents."""
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type", "text") != "text":
+                raise RowError(f"{where}: only text parts are supported (got {part!r:.60})")
+            value = part.get("text", part.get("value"))
+            if not isinstance(value, str):
+                raise RowError(f"{where}: a text part needs a string 'text'")
+            texts.append(value)
+        return "".join(texts)
+    raise RowError(f"{where}: content must be a string or a list of text parts")
+
+
+def _need_str(row: dict, key: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise RowError(f"'{key}' must be a string (got {type(value).__name__})")
+    if not allow_empty and not value.strip():
+        raise RowError(f"'{key}' is empty")
+    return value
+
+
+def _messages(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"'{key}' must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}'")
+        role = roles.get(turn.get(role_key))
+        if role is None:
+            raise RowError(f"{key}[{i}].{role_key} is {turn.get(role_key)!r}; use one of {sorted(roles)}")
+        out.append({"role": role, "content": _text_of(turn.get(text_key), f"{key}[{i}].{text_key}")})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError(f"'{key}' has no assistant turn to learn from"
+                       + ("; preference pairs (chosen/rejected) are not a supported format yet"
+                          if "chosen" in key else ""))
+    return out
+
+
+def normalize_row(row: dict, fmt: str) -> Example:
+    """Turn one parsed row of format ``fmt`` into an ``Example``; raises RowError."""
+    used: set[str]
+    ex = Example(id="", format=fmt)
+    if fmt == "messages":
+        ex.messages = _messages(row["messages"], "messages", "role", "content", {r: r for r in CHAT_ROLES})
+        used = {"messages"}
+    elif fmt == "sharegpt":
+        if "chosen" in row or "rejected" in row:
+            raise RowError("preference pairs (chosen/rejected) are not a supported format yet; "
+                           "drop the SFT conversations without 'chosen'/'rejected'")
+        ex.messages = _messages(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        used = {"conversations"}
+    elif fmt == "prompt_completion":
+        ex.prompt, ex.completion = _need_str(row, "prompt", True), _need_str(row, "completion")
+        used = {"prompt", "completion"}
+    elif fmt == "alpaca":
+        instruction = row.get("instruction", "")
+        extra = row.get("input", "")
+        if not isinstance(instruction, str) or not isinstance(extra, str):
+            raise RowError("'instruction' and 'input' must be strings")
+        user = "\n\n".join(s for s in (instruction, extra) if s.strip())
+        if not user:
+            raise RowError("'instruction' and 'input' are both empty")
+        ex.messages = [{"role": "user", "content": user},
+                       {"role": "assistant", "content": _need_str(row, "output")}]
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            ex.messages.insert(0, {"role": "system", "content": row["system"]})
+        used = {"instruction", "input", "output", "system"}
+    elif fmt == "classification":
+        key = "text" if "text" in row else "prompt"
+        ex.text = _need_str(row, key)
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+            raise RowError("'label' must be a non-empty string (e.g. ALLOW, DENY)")
+        ex.label = str(label).strip()
+        ex.think = _think(row.get("think"))
+        used = {key, "label", "think"}
+    elif fmt == "text":
+        ex.text = _need_str(row, "text")
+        used = {"text"}
+    else:
+        raise RowError(f"unknown format {fmt}")
+    ex.meta = {k: v for k, v in row.items() if k not in used}
+    ex.id = hashlib.sha256(json.dumps([fmt, row], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return ex
+
+
+def _think(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise RowError("'think' must be an object with 'task', 'safety' and 'policy' strings")
+    unknown = set(value) - set(THINK_KEYS)
+    if unknown:
+        raise RowError(f"'think' has unknown keys {sorted(unknown)}; allowed: {list(THINK_KEYS)}")
+    if not all(isinstance(v, str) for v in value.values()):
+        raise RowError("'think' values must be strings")
+    return {k: value[k] for k in THINK_KEYS if k in value}
+
+
+def iter_lines(name: str, data: bytes) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line; UTF-8 with or without BOM, LF or CRLF."""
+    text = decode_utf8(name, data)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield number, line
+
+
+def read_examples(path: Path, name: str | None = None) -> tuple[DatasetInfo, list[Example]]:
+    """Validate a whole JSONL dataset; raise InvalidInput listing the first bad lines."""
+    name = name or Path(path).name
+    data = Path(path).read_bytes()
+    if b"\x00" in data[:8192]:
+        raise InvalidInput(name, [Problem("the file contains NUL bytes: it is binary, not JSONL text",
+                                          fix="export the dataset as UTF-8 JSON Lines (one object per line)")],
+                           "binary file")
+    problems: list[Problem] = []
+    examples: list[Example] = []
+    fmt: str | None = None
+    fmt_line = 0
+    bad = 0
+    for number, line in iter_lines(name, data):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad += 1
+            if len(problems) < MAX_REPORTED:
+                problems.append(Problem(f"not valid JSON: {exc.msg}", line=number, column=exc.colno,
+                                        fix="each line must be one complete JSON object"))
+            continue
+        try:
+            if not isinstance(row, dict):
+                raise RowError(f"a line must be a JSON object, not {type(row).__name__}")
+            row_fmt = detect_format(row)
+            if row_fmt is None:
+                raise RowError(f"keys {sorted(row)[:8]} match no known format; {FORMAT_HELP}")
+            if fmt is None:
+                fmt, fmt_line = row_fmt, number
+            elif row_fmt != fmt:
+                raise RowError(f"this row is '{row_fmt}' but line {fmt_line} is '{fmt}': mixed formats in one "
+                               "file; split them into one file per format")
+            examples.append(normalize_row(row, fmt))
+        except RowError as exc:
+            bad += 1
+            if len(problems) < MAX_REPORTED:
+                problems.append(Problem(str(exc), line=number))
+    if problems:
+        more = f" (first {MAX_REPORTED} shown)" if bad > MAX_REPORTED else ""
+        raise InvalidInput(name, problems, f"{bad} bad line(s){more}; nothing was imported")
+    if not examples:
+        raise InvalidInput(name, [Problem("the file has no data lines", fix=FORMAT_HELP)], "empty dataset")
+    labels: dict[str, int] = {}
+    for ex in examples:
+        if ex.label is not None:
+            labels[ex.label] = labels.get(ex.label, 0) + 1
+    info = DatasetInfo(format=fmt or "", rows=len(examples), labels=labels,
+                       sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    return info, examples

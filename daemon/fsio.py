@@ -1,0 +1,70 @@
+"""Durable file writes: temp file, flush, fsync, os.replace, fsync of the directory."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside ``path`` durable (no-op where directories can't be opened)."""
+    if os.name == "nt":
+        return  # NTFS journals metadata; directories cannot be opened for fsync
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` so that a crash leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_json_atomically(path: Path, obj: Any) -> None:
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """Read a JSON file written by ``write_json_atomically``; ``default`` if it does not exist."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def append_line_durably(path: Path, line: str) -> None:
+    """Append one line (an event record) and fsync it; readers tolerate a torn last line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def move_durably(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (same filesystem) and make both directories durable."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)

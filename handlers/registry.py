@@ -1,0 +1,17 @@
+"""The stage table: stage name -> module exposing ``run(ctx) -> StageResult``.
+
+Imported by the daemon (no torch here): a stage is available when its module is listed.
+Later stages (augment, sweep) plug in by adding one line.
+"""
+from __future__ import annotations
+
+STAGES: dict[str, str] = {
+    "prepare": "handlers.prepare",
+    "train": "handlers.train",
+    "evaluate": "handlers.evaluate",
+    "export": "handlers.export",
+}
+
+
+def available_stages() -> list[str]:
+    return list(STAGES)
