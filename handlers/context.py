@@ -65,6 +65,8 @@ class StageContext:
         self.previous_model: dict[str, Any] | None = spec.get("previous_model")
         self.device: str = spec.get("device", "cpu")
         self.settings: dict[str, Any] = spec.get("settings", {})
+        # {"name": job name, "version": N}: the registry version this job's model gets (evaluate/export)
+        self.model: dict[str, Any] | None = spec.get("model")
         self.log = log or logging.getLogger(f"handlers.{self.stage}")
         self._stop = stop_event or threading.Event()
         self._last_progress = 0.0
