@@ -17,6 +17,7 @@ from daemon.errors import DaemonAlreadyRunning, InvalidInput
 COMMAND_MODULES = [
     "daemon.commands",
     "daemon.doctor",
+    "daemon.registry",
 ]
 EXIT_OK, EXIT_USAGE = 0, 2
 

@@ -1,0 +1,131 @@
+"""daemon.registry: versioned model entries in a real TinyDB store, and the models / compare commands."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from daemon import registry
+from daemon.store import Store
+
+
+def _job(job_id: str, name: str = "guard", rows: dict | None = None, augmented: int | None = None,
+         train_loss: float | None = None) -> dict:
+    stages = [{"name": "prepare", "summary": {"format": "classification", "rows": rows or {"train": 80, "val": 10,
+                                                                                          "test": 10}}}]
+    if augmented is not None:
+        stages.append({"name": "augment", "summary": {"rows_total": augmented}})
+    stages.append({"name": "train", "summary": {"train_loss": train_loss} if train_loss is not None else {}})
+    return {"id": job_id, "name": name, "spec": {"base_model": "builtin:tiny"}, "datasets": ["abc123"],
+            "stages": stages}
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = Store.for_home(tmp_path)
+    s.datasets.insert({"sha256": "abc123", "name": "guard.jsonl", "rows": 100, "format": "classification",
+                       "ingested_at": "2026-01-01T00:00:00+00:00"})
+    return s
+
+
+def _register(store: Store, job: dict, loss: float, metrics: dict, winner: bool) -> dict:
+    store.jobs.insert(job)
+    registry.ensure_entry(store, job)
+    registry.update_entry(store, job["id"], "train", {"train_loss": loss, "adapter": f"/jobs/{job['id']}/adapter"})
+    return registry.update_entry(store, job["id"], "evaluate", {"metrics": metrics, "winner": winner,
+                                                                 "temperature": 1.7,
+                                                                 "eval_report": "/r/report.html"})
+
+
+def test_entries_are_versioned_per_name_and_idempotent_per_job(store):
+    first = registry.ensure_entry(store, _job("j1"))
+    again = registry.ensure_entry(store, _job("j1"))
+    second = registry.ensure_entry(store, _job("j2"))
+    other = registry.ensure_entry(store, _job("j3", name="other"))
+    assert (first["version"], again["version"], second["version"], other["version"]) == (1, 1, 2, 1)
+    assert len(store.models) == 3
+    assert first["datasets"] == [{"sha256": "abc123", "name": "guard.jsonl", "rows": 100,
+                                  "format": "classification"}]
+    assert first["rows"] == {"original": 100, "augmented": None}
+    assert first["base_model"] == "builtin:tiny" and first["winner"] is None and first["metrics"] == {}
+    assert registry.previous_version(store, "guard", 2)["job_id"] == "j1"
+    assert registry.previous_version(store, "guard", 1) is None
+    assert registry.previous_version(store, "other", 5)["version"] == 1
+
+
+def test_update_merges_stage_fields_and_refreshes_rows(store):
+    job = _job("j1", augmented=250)
+    store.jobs.insert(job)
+    registry.ensure_entry(store, job)
+    registry.update_entry(store, "j1", "train", {"train_loss": 0.42, "adapter": "/a"})
+    registry.update_entry(store, "j1", "evaluate", {"metrics": {"accuracy": 0.9}, "winner": True,
+                                                    "temperature": 1.5, "eval_report": "/r.html"})
+    entry = registry.update_entry(store, "j1", "export", {"artifacts": {"gguf": ["/m.gguf"]}})
+    assert entry["train_loss"] == 0.42 and entry["winner"] is True and entry["temperature"] == 1.5
+    assert entry["metrics"] == {"accuracy": 0.9}
+    assert entry["artifacts"] == {"adapter": "/a", "eval_report": "/r.html", "gguf": ["/m.gguf"]}
+    assert entry["rows"] == {"original": 100, "augmented": 250}
+    assert entry["stages"] == ["train", "evaluate", "export"]
+    reread = Store.for_home(store.path.parent.parent, readonly=True)
+    assert registry.find_entry(reread, "guard")["artifacts"]["adapter"] == "/a"
+
+
+def test_refs_and_comparison_numbers(store):
+    _register(store, _job("j1", rows={"train": 80, "val": 10, "test": 10}), 0.8,
+              {"accuracy": 0.70, "macro_f1": 0.60, "ece": 0.20}, False)
+    _register(store, _job("j2", augmented=300), 0.6, {"accuracy": 0.85, "macro_f1": 0.80, "ece": 0.10}, True)
+    assert registry.find_entry(store, "guard")["version"] == 2
+    assert registry.find_entry(store, "guard:1")["job_id"] == "j1"
+    assert registry.find_entry(store, "guard@v2")["job_id"] == "j2"
+    assert registry.find_entry(store, "guard@1")["job_id"] == "j1"
+    assert registry.find_entry(store, "j2")["version"] == 2
+    with pytest.raises(registry.UnknownModel, match="versions: 1, 2"):
+        registry.find_entry(store, "guard:7")
+    with pytest.raises(registry.UnknownModel, match="known models: guard"):
+        registry.find_entry(store, "nope")
+    result = registry.compare_entries(registry.find_entry(store, "guard:1"), registry.find_entry(store, "guard:2"))
+    assert result["metrics"]["accuracy"]["delta"] == pytest.approx(0.15)
+    assert result["metrics"]["ece"]["delta"] == pytest.approx(-0.10)
+    assert result["train_loss"]["reduction_pct"] == pytest.approx(25.0)
+    assert result["rows"] == {"a": 100, "b": 300, "increase": 200, "increase_pct": pytest.approx(200.0)}
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home")
+    common.add_argument("-v", "--verbose", action="store_true")
+    registry.add_commands(parser.add_subparsers(dest="command"), common)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_models_and_compare_commands(store, tmp_path, capsys):
+    _register(store, _job("j1"), 0.8, {"accuracy": 0.70, "macro_f1": 0.60}, False)
+    _register(store, _job("j2", augmented=300), 0.6, {"accuracy": 0.85, "macro_f1": 0.80}, True)
+    home = str(tmp_path)
+
+    assert _run(["models", "--home", home, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["schema_version"] == 1
+    assert [(m["name"], m["version"], m["winner"]) for m in listed["models"]] == [("guard", 1, False),
+                                                                               ("guard", 2, True)]
+
+    assert _run(["compare", "guard:1", "guard@v2", "--home", home, "--json"]) == 0
+    compared = json.loads(capsys.readouterr().out)
+    assert compared["schema_version"] == 1
+    assert compared["metrics"]["macro_f1"]["delta"] == pytest.approx(0.20)
+    assert compared["train_loss"]["reduction_pct"] == pytest.approx(25.0)
+    assert compared["rows"]["increase"] == 200
+
+    assert _run(["models", "--home", home]) == 0
+    out = capsys.readouterr().out
+    assert "guard:1" in out and "guard:2" in out and "100 -> 300" in out
+
+    assert _run(["compare", "guard:1", "guard", "--home", home]) == 0
+    out = capsys.readouterr().out
+    assert "+0.1500" in out and "25.0% lower" in out and "+200 (+200.0%)" in out
+
+    assert _run(["compare", "guard:1", "missing", "--home", home]) == 2
+    assert "no model named 'missing'" in capsys.readouterr().err
