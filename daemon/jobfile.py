@@ -186,3 +186,17 @@ def _line(node: yaml.Node | None) -> int | None:
 
 def _col(node: yaml.Node | None) -> int | None:
     return node.start_mark.column + 1 if node is not None else None
+
+
+def key_position(text: str, dotted: str) -> tuple[int | None, int | None]:
+    """(line, column) of the key ``a.b.c`` in a YAML text, or of its nearest present parent."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None, None
+    node = _key_node(root, tuple(dotted.split("."))) if root is not None else None
+    parts = dotted.split(".")
+    while node is None and len(parts) > 1:
+        parts = parts[:-1]
+        node = _key_node(root, tuple(parts))
+    return _line(node), _col(node)

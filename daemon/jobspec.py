@@ -59,6 +59,7 @@ class LoraSpec(Strict):
 class CheckpointSpec(Strict):
     interval_seconds: float = Field(180, gt=0)
     keep: int = Field(5, ge=1)
+    every_steps: int | None = Field(None, ge=1, description="Also checkpoint every N optimizer steps.")
 
 
 class ProgressLogSpec(Strict):
@@ -142,7 +143,7 @@ class ExportSpec(Strict):
 
 class NotifySpec(Strict):
     on: list[Literal["succeeded", "failed", "interrupted", "waiting", "exported"]] = Field(
-        default_factory=lambda: ["succeeded", "failed", "interrupted"]
+        default_factory=lambda: ["succeeded", "failed", "interrupted", "waiting", "exported"]
     )
     speak: bool = False
 

@@ -1,0 +1,152 @@
+"""The daemon: wires the inbox watcher, ingest, supervisor and schedulers around one main loop.
+
+Only the main loop thread touches the store and starts children; the watchdog and APScheduler
+threads only note work and wake it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from daemon.config import DaemonSettings
+from daemon.control import RequestRefused, check_request, pending_requests, retry_job
+from daemon.gpus import gpu_indices
+from daemon.inbox import InboxWatcher, is_ignored
+from daemon.ingest import Ingestor
+from daemon.layout import Layout
+from daemon.lock import HomeLock
+from daemon.notify import Notifier
+from daemon.resources import ResourceWatch
+from daemon.store import Q, Store, utcnow
+from daemon.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+EXIT_OK = 0
+_stop = threading.Event()
+_wake = threading.Event()
+
+
+def request_stop() -> None:
+    """Stop the daemon gracefully (the path SIGTERM, Ctrl-C and the Windows service stop all take)."""
+    _stop.set()
+    _wake.set()
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # e.g. run inside a Windows service thread: the service calls request_stop()
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda signum, _frame: (
+                log.warning("signal %d: stopping (running stages get %.0fs to checkpoint)", signum, _grace[0]),
+                request_stop()))
+
+
+_grace = [0.0]
+
+
+def _trainbox_version() -> str:
+    try:
+        return version("trainbox")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
+    """Run until stopped (or, with ``once``, until the inbox is empty and every runnable job ended)."""
+    layout = Layout(Path(home))
+    layout.create()
+    _stop.clear()
+    _grace[0] = settings.supervisor.stop_grace_seconds
+    with HomeLock(layout.home):
+        store = Store.for_home(layout.home)
+        gpus = gpu_indices()
+        notifier = Notifier(settings.notify, layout.home)
+        ingestor = Ingestor(layout, store, settings, len(gpus), notifier.notify)
+        supervisor = Supervisor(layout, store, settings, gpus, notifier.notify)
+        watcher = InboxWatcher(layout.inbox, settings.watch, _wake)
+        started = time.time()
+
+        def heartbeat() -> None:
+            store.set_meta("daemon", {"pid": os.getpid(), "started_at": utcnow_from(started),
+                                      "heartbeat_at": utcnow(), "heartbeat_ts": time.time(),
+                                      "version": _trainbox_version(), "home": str(layout.home)})
+
+        _install_signal_handlers()
+        heartbeat()
+        ingestor.recover()
+        supervisor.recover()
+        watcher.start()
+        resources = ResourceWatch(settings.resources, layout.home, notifier.notify)
+        scheduler = BackgroundScheduler(daemon=True)
+        scheduler.add_job(lambda: (watcher.rescan(), _wake.set()), "interval",
+                          seconds=settings.watch.rescan_seconds, id="rescan")
+        scheduler.add_job(resources.check, "interval", seconds=settings.resources.check_seconds, id="resources")
+        scheduler.start()
+        log.info("trainbox %s watching %s (pid %d, %d GPU(s))", _trainbox_version(), layout.inbox,
+                 os.getpid(), len(gpus))
+        last_beat = 0.0
+        try:
+            while not _stop.is_set():
+                _wake.clear()
+                for path in watcher.ready_files():
+                    ingestor.ingest(path)
+                ingestor.create_due_default_jobs()
+                _apply_requests(layout.home, store, supervisor)
+                supervisor.tick()
+                if time.monotonic() - last_beat > 5:
+                    heartbeat()
+                    last_beat = time.monotonic()
+                if once and _idle(layout, store, watcher, supervisor):
+                    log.info("nothing left to do (--once): exiting")
+                    break
+                _wake.wait(settings.supervisor.poll_seconds if supervisor.running else 0.2)
+        finally:
+            if supervisor.running:
+                log.warning("stopping %d running stage(s)", len(supervisor.running))
+            supervisor.stop_all()
+            scheduler.shutdown(wait=False)
+            watcher.stop()
+            notifier.close()
+            store.set_meta("daemon", {**(store.get_meta("daemon") or {}), "pid": None,
+                                      "stopped_at": utcnow()})
+            log.info("trainbox stopped")
+    return EXIT_OK
+
+
+def utcnow_from(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts))
+
+
+def _idle(layout: Layout, store: Store, watcher: InboxWatcher, supervisor: Supervisor) -> bool:
+    if watcher.has_pending() or any(p.is_file() and not is_ignored(p.name) for p in layout.inbox.iterdir()):
+        if not watcher.has_pending():
+            watcher.rescan()
+        return False
+    if any(layout.ingesting.iterdir()) or supervisor.busy():
+        return False
+    return not store.datasets.search(Q.default_job_due != None)  # noqa: E711
+
+
+def _apply_requests(home: Path, store: Store, supervisor: Supervisor) -> None:
+    for path, req in pending_requests(home):
+        action, job_id = req.get("action"), req.get("job", "")
+        try:
+            check_request(store, action, job_id)
+            if action == "cancel":
+                supervisor.cancel(job_id)
+            elif action == "retry":
+                retry_job(store, job_id)
+                log.info("job %s queued again", job_id)
+            else:
+                raise RequestRefused(f"unknown action {action!r}")
+        except RequestRefused as exc:
+            log.warning("request %s ignored: %s", path.name, exc)
+        path.unlink()

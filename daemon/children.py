@@ -1,0 +1,84 @@
+"""Start, signal and identify stage child processes (``python -m handlers <stage> <dir>``)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+def start_stage_process(stage: str, stage_dir: Path, log_path: Path, env_extra: dict[str, str]) -> subprocess.Popen:
+    """Start a stage in its own process group so only the daemon decides when it gets a signal.
+
+    Must be called from a long-lived thread: Linux's parent-death signal fires when the *thread*
+    that forked the child exits.
+    """
+    env = {**os.environ, **env_extra, "TRAINBOX_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+    kwargs: dict = {}
+    if os.name == "nt":
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # required for CTRL_BREAK_EVENT
+    else:
+        kwargs["start_new_session"] = True
+    with open(log_path, "ab") as log_fh:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "handlers", stage, str(stage_dir)],
+                                stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=str(stage_dir), env=env, **kwargs)
+
+
+def send_stop(proc: subprocess.Popen) -> None:
+    """Ask a stage to checkpoint and exit (SIGTERM; CTRL_BREAK on Windows)."""
+    if proc.poll() is not None:
+        return
+    if os.name == "nt":
+        proc.send_signal(signal.CTRL_BREAK_EVENT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+
+
+def is_stage_process(pid: int | None, stage_dir: Path) -> bool:
+    """True when ``pid`` is a live stage process working in ``stage_dir`` (not a reused pid)."""
+    if not pid:
+        return False
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "handlers" in cmd and str(stage_dir) in cmd
+
+
+def stop_orphan(pid: int, grace: float) -> None:
+    """Stop a stage left running by a daemon that died: SIGTERM, wait for its checkpoint, then kill."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except psutil.TimeoutExpired:
+        log.warning("orphaned stage %d did not stop in %.0fs; killing it", pid, grace)
+        proc.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
+def log_tail(path: Path, lines: int) -> str:
+    try:
+        data = path.read_bytes()[-64_000:]
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {code}"

@@ -1,0 +1,149 @@
+"""Watch the inbox: a watchdog observer plus periodic rescans; report files once they are complete.
+
+A file is complete when it was moved in (atomic rename), when its writer closed it (inotify), or when
+its size and mtime stayed the same for ``stable_seconds`` (other platforms, network drives, files that
+were there before the daemon started).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.observers import Observer
+
+from daemon.config import WatchSettings
+
+log = logging.getLogger(__name__)
+IGNORED = ("*.tmp", "*.part", "*.crdownload", "~*", ".*", "*.swp", "*~")
+# a writer that keeps a file open without writing for this long is presumed gone
+OPEN_WRITER_TIMEOUT_S = 600.0
+# after a close, wait this long for a writer that reopens the file (create-empty-then-fill tools)
+SETTLE_AFTER_CLOSE_S = 0.15
+
+
+def is_ignored(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in IGNORED)
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    changed_at: float
+    closed: bool | None  # True: close-after-write or moved in; False: being written; None: unknown
+
+
+class InboxWatcher(FileSystemEventHandler):
+    """Collects candidate files from events and rescans; ``ready_files`` returns the complete ones."""
+
+    def __init__(self, inbox: Path, settings: WatchSettings, wake: threading.Event | None = None):
+        self.inbox = Path(inbox)
+        self.settings = settings
+        self.wake = wake or threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[Path, _Candidate] = {}
+        self._observer = Observer()
+        self._close_events = settings.use_close_events and self._observer.__class__.__name__ == "InotifyObserver"
+
+    def start(self) -> None:
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self._observer.schedule(self, str(self.inbox), recursive=False)
+        self._observer.start()
+        self.rescan()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+
+    # events ---------------------------------------------------------------
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+            dest = Path(os.fsdecode(event.dest_path))
+            if self._ours(dest):
+                self._note(dest, closed=True)
+        elif isinstance(event, FileDeletedEvent):
+            self._forget(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, FileClosedEvent):
+            path = Path(os.fsdecode(event.src_path))
+            if self._ours(path):
+                self._note(path, closed=True if self._close_events else None)
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            path = Path(os.fsdecode(event.src_path))
+            if self._ours(path):
+                self._note(path, closed=False if self._close_events else None)
+
+    def _ours(self, path: Path) -> bool:
+        return path.parent == self.inbox and not is_ignored(path.name)
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._pending.pop(path, None)
+
+    def _note(self, path: Path, closed: bool | None) -> None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._forget(path)
+            return
+        with self._lock:
+            self._pending[path] = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic(), closed)
+        self.wake.set()
+
+    # rescans --------------------------------------------------------------
+    def rescan(self) -> None:
+        """Pick up files whose events were missed (daemon down, OS queue overflow, network drive)."""
+        try:
+            entries = list(os.scandir(self.inbox))
+        except FileNotFoundError:
+            return
+        added = False
+        for entry in entries:
+            path = Path(entry.path)
+            if not entry.is_file() or is_ignored(entry.name):
+                continue
+            with self._lock:
+                if path in self._pending:
+                    continue
+                st = entry.stat()
+                self._pending[path] = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic(), None)
+                added = True
+        if added:
+            self.wake.set()
+
+    def ready_files(self) -> list[Path]:
+        """Complete files, job YAMLs first (so a job dropped with its dataset claims it), oldest first."""
+        now = time.monotonic()
+        ready: list[tuple[float, Path]] = []
+        with self._lock:
+            for path, cand in list(self._pending.items()):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    del self._pending[path]
+                    continue
+                if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
+                    cand.size, cand.mtime_ns, cand.changed_at = st.st_size, st.st_mtime_ns, now
+                    if cand.closed:
+                        cand.closed = None if not self._close_events else False
+                    continue
+                quiet = now - cand.changed_at
+                if (cand.closed is True and quiet >= SETTLE_AFTER_CLOSE_S) or (cand.closed is None and quiet >= self.settings.stable_seconds) or \
+                        (cand.closed is False and quiet >= OPEN_WRITER_TIMEOUT_S):
+                    ready.append((cand.changed_at, path))
+                    del self._pending[path]
+        ready.sort(key=lambda item: (item[1].suffix not in (".yaml", ".yml"), item[0]))
+        return [path for _, path in ready]
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending)

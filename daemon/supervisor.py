@@ -1,0 +1,307 @@
+"""Run each queued job's stages as child processes, one slot per GPU (and CPU), and record results.
+
+The store is updated only here and in ingest, both from the daemon's main thread.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from datetime import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon import registry
+from daemon.children import (describe_exit, is_stage_process, log_tail, send_stop, start_stage_process,
+                             stop_orphan)
+from daemon.config import DaemonSettings
+from daemon.control import cancel_idle_job
+from daemon.fsio import move_durably, read_json, write_json_atomically
+from daemon.layout import Layout
+from daemon.store import Q, Store, utcnow
+from handlers.context import EXIT_INTERRUPTED, EVENTS_FILE, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE
+
+log = logging.getLogger(__name__)
+PROGRESS_STORE_INTERVAL_S = 2.0
+
+
+@dataclass
+class Running:
+    job_id: str
+    index: int
+    stage: str
+    slot: str
+    proc: subprocess.Popen
+    stage_dir: Path
+    stop_reason: str | None = None  # "shutdown" or "cancel" once the daemon asked the stage to stop
+    stop_sent: float | None = None
+    events_offset: int = 0
+    progress_seen: float = 0.0
+    progress_stored: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, layout: Layout, store: Store, settings: DaemonSettings, gpus: list[int],
+                 notify: Callable[..., None]):
+        self.layout = layout
+        self.store = store
+        self.settings = settings
+        self.notify = notify
+        self.capacity = {f"cuda:{i}": settings.concurrency.jobs_per_gpu for i in gpus}
+        self.capacity["cpu"] = settings.concurrency.cpu_jobs
+        self.running: dict[str, Running] = {}
+
+    # start-up -------------------------------------------------------------
+    def recover(self) -> None:
+        """Requeue every job that was running or interrupted; stop stages a dead daemon left behind."""
+        grace = self.settings.supervisor.stop_grace_seconds
+        for job in self.store.jobs.search(Q.state.one_of(["running", "interrupted"])):
+            for stage in job["stages"]:
+                if stage["state"] == "running" and is_stage_process(job.get("pid"),
+                                                                    self.layout.stage_dir(job["id"], stage["name"])):
+                    log.warning("stage %s of %s is still running from before; stopping it", stage["name"], job["id"])
+                    stop_orphan(job["pid"], grace)
+
+            def requeue(doc: dict) -> None:
+                for s in doc["stages"]:
+                    if s["state"] in ("running", "interrupted"):
+                        s.update(state="pending", ended_at=None)
+                doc.update(state="queued", pid=None)
+            self.store.update_job(job["id"], requeue)
+            log.info("job %s will resume", job["id"])
+
+    # main-loop work -------------------------------------------------------
+    def tick(self) -> None:
+        for run in list(self.running.values()):
+            self._poll(run)
+        self._start_queued()
+        self._check_waiting()
+
+    def busy(self) -> bool:
+        return bool(self.running) or bool(self.store.jobs.search(Q.state == "queued"))
+
+    def _free_slot(self, device: str) -> str | None:
+        used: dict[str, int] = {}
+        for run in self.running.values():
+            used[run.slot] = used.get(run.slot, 0) + 1
+        gpu_slots = [s for s in self.capacity if s.startswith("cuda")]
+        if device == "cpu" or (device == "auto" and not gpu_slots):
+            candidates = ["cpu"]
+        elif device == "auto" or device == "cuda":
+            candidates = gpu_slots
+        else:
+            candidates = [device] if device in self.capacity else []
+        for slot in candidates:
+            if used.get(slot, 0) < self.capacity[slot]:
+                return slot
+        return None
+
+    def _start_queued(self) -> None:
+        for job in sorted(self.store.jobs.search(Q.state == "queued"), key=lambda j: j["created_at"]):
+            if job["id"] in self.running:
+                continue
+            slot = self._free_slot(job["spec"]["train"]["device"])
+            if slot is None:
+                continue
+            index = next((i for i, s in enumerate(job["stages"]) if s["state"] not in ("succeeded", "skipped")), None)
+            if index is None:
+                self._finish(job["id"], "succeeded")
+                continue
+            self._start_stage(job, index, slot)
+
+    def _start_stage(self, job: dict, index: int, slot: str) -> None:
+        stage = job["stages"][index]["name"]
+        stage_dir = self.layout.stage_dir(job["id"], stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # a previous attempt's verdict must not be read
+        write_json_atomically(stage_dir / STAGE_FILE, self._stage_spec(job, stage, slot))
+        env = {"CUDA_VISIBLE_DEVICES": slot.split(":")[1] if slot.startswith("cuda") else ""}
+        with open(stage_dir / LOG_FILE, "a", encoding="utf-8") as fh:
+            fh.write(f"\n=== trainbox: stage {stage} of {job['id']} started at {utcnow()} on {slot} ===\n")
+        proc = start_stage_process(stage, stage_dir, stage_dir / LOG_FILE, env)
+        events = stage_dir / EVENTS_FILE
+        self.running[job["id"]] = Running(job["id"], index, stage, slot, proc, stage_dir,
+                                          events_offset=events.stat().st_size if events.exists() else 0)
+
+        def mark(doc: dict) -> None:
+            doc["stages"][index].update(state="running", started_at=utcnow(), ended_at=None, error=None)
+            doc.update(state="running", stage=stage, pid=proc.pid, device=slot, error=None,
+                       attempts=doc.get("attempts", 0) + (index == 0 or doc["state"] != "running"))
+        self.store.update_job(job["id"], mark)
+        log.info("job %s: stage %s started (pid %d, %s)", job["id"], stage, proc.pid, slot)
+
+    def _stage_spec(self, job: dict, stage: str, slot: str) -> dict[str, Any]:
+        results = {}
+        for s in job["stages"]:
+            if s["state"] in ("succeeded", "skipped"):
+                results[s["name"]] = read_json(self.layout.stage_dir(job["id"], s["name"]) / RESULT_FILE, {})
+        datasets = []
+        for sha in job["datasets"]:
+            ds = self.store.dataset(sha)
+            datasets.append({"name": ds["name"], "sha256": sha, "path": str(self.layout.home / ds["path"]),
+                             "format": ds["format"], "rows": ds["rows"]})
+        model = job.get("model")
+        previous = registry.previous_version(self.store, model["name"], model["version"]) if model else None
+        return {"job_id": job["id"], "stage": stage, "home": str(self.layout.home), "job": job["spec"],
+                "datasets": datasets, "results": results, "device": "cuda" if slot.startswith("cuda") else "cpu",
+                "stage_dirs": {s["name"]: str(self.layout.stage_dir(job["id"], s["name"])) for s in job["stages"]},
+                "settings": {"resources": self.settings.resources.model_dump()},
+                "model": model, "previous_model": previous}
+
+    # a running stage ------------------------------------------------------
+    def _poll(self, run: Running) -> None:
+        self._forward_events(run)
+        code = run.proc.poll()
+        if code is None:
+            self._store_progress(run)
+            if run.stop_sent and time.monotonic() - run.stop_sent > self.settings.supervisor.stop_grace_seconds:
+                log.warning("stage %s of %s did not stop within the grace period; killing it", run.stage, run.job_id)
+                run.proc.kill()
+            return
+        del self.running[run.job_id]
+        self._store_progress(run, force=True)
+        if code == 0:
+            self._stage_done(run)
+        elif run.stop_reason == "cancel":
+            self._stage_ended(run, "cancelled", None)
+            self._finish(run.job_id, "cancelled")
+        elif code == EXIT_INTERRUPTED or run.stop_reason == "shutdown":
+            self._stage_ended(run, "interrupted", None)
+            self._finish(run.job_id, "interrupted")
+        else:
+            result = read_json(run.stage_dir / RESULT_FILE, {}) or {}
+            tail = log_tail(run.stage_dir / LOG_FILE, self.settings.supervisor.log_tail_lines)
+            error = (f"stage {run.stage} {describe_exit(code)}: " + (result.get("error") or "")
+                     + f"\n--- last lines of {run.stage_dir / LOG_FILE} ---\n{tail}")
+            self._stage_ended(run, "failed", error, exit_code=code)
+            self._finish(run.job_id, "failed", error)
+
+    def _stage_ended(self, run: Running, state: str, error: str | None, exit_code: int | None = None) -> None:
+        def change(doc: dict) -> None:
+            doc["stages"][run.index].update(state=state, ended_at=utcnow(), error=error, exit_code=exit_code)
+            doc["pid"] = None
+        self.store.update_job(run.job_id, change)
+
+    def _stage_done(self, run: Running) -> None:
+        result = read_json(run.stage_dir / RESULT_FILE, {}) or {}
+        artifacts = {k: str(run.stage_dir / v) for k, v in (result.get("artifacts") or {}).items()}
+        job = self.store.job(run.job_id)
+        if result.get("model"):
+            entry = registry.ensure_entry(self.store, job)
+            job = self.store.update_job(run.job_id, {"model": {"name": entry["name"], "version": entry["version"]}})
+            if run.stage == "export" and "model_dir" in artifacts:
+                artifacts = self._publish(run, job, artifacts)
+            registry.update_entry(self.store, run.job_id, run.stage, {**result["model"], "artifacts": artifacts}
+                                  if run.stage == "export" else result["model"])
+
+        def change(doc: dict) -> None:
+            doc["stages"][run.index].update(
+                state="skipped" if result.get("state") == "skipped" else "succeeded", ended_at=utcnow(),
+                summary=result.get("summary") or {}, artifacts=artifacts, message=result.get("message") or "")
+            doc["pid"] = None
+            if run.index + 1 >= len(doc["stages"]):
+                doc["state"] = "succeeded"
+                doc["progress"] = None
+            else:
+                doc["state"] = "queued"  # the next stage starts on the next tick, in any free slot
+        job = self.store.update_job(run.job_id, change)
+        log.info("job %s: stage %s %s", run.job_id, run.stage, job["stages"][run.index]["state"])
+        if job["state"] == "succeeded":
+            self._finish(run.job_id, "succeeded")
+
+    def _publish(self, run: Running, job: dict, artifacts: dict[str, str]) -> dict[str, str]:
+        """Move the exported model folder to models/<name>/v<version>/ (atomic rename, same filesystem)."""
+        src = Path(artifacts["model_dir"])
+        dest = self.layout.models / job["model"]["name"] / f"v{job['model']['version']}"
+        if dest.exists():
+            dest = dest.with_name(f"{dest.name}-{run.job_id}")
+        move_durably(src, dest)
+        out = {k: str(dest / Path(v).relative_to(src)) if Path(v).is_relative_to(src) else v
+               for k, v in artifacts.items()}
+        if "exported" in job["spec"]["notify"]["on"]:
+            self.notify("model_exported", f"trainbox exported {job['name']} v{job['model']['version']}",
+                        str(dest), job_id=run.job_id)
+        return out
+
+    def _store_progress(self, run: Running, force: bool = False) -> None:
+        path = run.stage_dir / PROGRESS_FILE
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        now = time.monotonic()
+        if mtime == run.progress_seen or (not force and now - run.progress_stored < PROGRESS_STORE_INTERVAL_S):
+            return
+        progress = read_json(path)
+        if progress is not None:
+            run.progress_seen, run.progress_stored = mtime, now
+            self.store.update_job(run.job_id, {"progress": progress})
+
+    def _forward_events(self, run: Running) -> None:
+        path = run.stage_dir / EVENTS_FILE
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(run.events_offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next tick
+        run.events_offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("unreadable event line in %s", path)
+                continue
+            kind, message = event.pop("kind", "stage_event"), event.pop("message", "")
+            self.store.add_event(kind, message, job_id=run.job_id, **event)
+            self.notify(kind, f"trainbox: {kind.replace('_', ' ')}", message, job_id=run.job_id)
+
+    # job ends -------------------------------------------------------------
+    def _finish(self, job_id: str, state: str, error: str | None = None) -> None:
+        job = self.store.update_job(job_id, {"state": state, "error": error, "pid": None})
+        self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}", job_id=job_id)
+        if state in job["spec"]["notify"]["on"]:
+            first_line = (error or "").splitlines()[0] if error else ""
+            self.notify(f"job_{state}", f"trainbox: {job['name']} {state}", first_line or job_id, job_id=job_id)
+        log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
+                f": {error}" if error else "")
+
+    def _check_waiting(self) -> None:
+        limit = self.settings.notify.waiting_too_long_seconds
+        now = time.time()
+        for job in self.store.jobs.search((Q.state == "waiting") & (Q.waiting_notified.exists() == False)):  # noqa: E712
+            if now - datetime.fromisoformat(job["created_at"]).timestamp() > limit:
+                self.store.update_job(job["id"], {"waiting_notified": True})
+                if "waiting" in job["spec"]["notify"]["on"]:
+                    self.notify("job_waiting_too_long", f"trainbox: {job['name']} is waiting",
+                                f"no dataset matches {job['spec']['datasets']}", job_id=job["id"])
+
+    # requests and shutdown -------------------------------------------------
+    def cancel(self, job_id: str) -> None:
+        run = self.running.get(job_id)
+        if run is None:
+            cancel_idle_job(self.store, job_id)
+            log.info("job %s cancelled", job_id)
+            return
+        run.stop_reason, run.stop_sent = "cancel", time.monotonic()
+        send_stop(run.proc)
+
+    def stop_all(self) -> None:
+        """Ask every stage to checkpoint and exit; wait up to the grace period, then kill."""
+        for run in self.running.values():
+            run.stop_reason, run.stop_sent = "shutdown", time.monotonic()
+            send_stop(run.proc)
+        deadline = time.monotonic() + self.settings.supervisor.stop_grace_seconds
+        while self.running and time.monotonic() < deadline:
+            for run in list(self.running.values()):
+                self._poll(run)
+            time.sleep(0.1)
+        for run in list(self.running.values()):
+            log.warning("stage %s of %s did not stop in time; killing it", run.stage, run.job_id)
+            run.proc.kill()
+            run.proc.wait()
+            self._poll(run)
