@@ -58,6 +58,7 @@ class NotifyBackendSettings(Strict):
     speak: bool = False
     webhook_url: str | None = None
     webhook_format: Literal["json", "ntfy", "slack"] = "json"
+    audio_device: str | None = Field(None, description="Sound device for paplay (sink) or aplay (ALSA device).")
     timeout_seconds: float = Field(5.0, gt=0)
 
 
@@ -76,6 +77,7 @@ class NotifySettings(Strict):
         description="Event name -> backends that receive it.",
     )
     rate_limit_per_minute: int = Field(6, ge=1)
+    coalesce_seconds: float = Field(2.0, ge=0, description="Same-event notifications this close become one.")
     waiting_too_long_seconds: float = Field(3600.0, gt=0)
 
 
