@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "daemon.commands",
     "daemon.doctor",
     "daemon.registry",
+    "daemon.notify.cli",
 ]
 EXIT_OK, EXIT_USAGE = 0, 2
 

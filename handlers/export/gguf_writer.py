@@ -1,0 +1,198 @@
+"""Write a merged HF checkpoint as one GGUF file with the ``gguf`` package, streaming tensor by tensor.
+
+Tensor infos are planned from the safetensors headers alone, so the header is written first and then each
+tensor is read (memory-mapped), converted and written once: peak memory is one tensor, not the model.
+Type rules follow llama.cpp's converter: 1-D tensors, norms and biases stay F32; quantized types fall back
+to F16 for rows that are not a whole number of blocks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from daemon.errors import StageFailed
+from handlers.export import gguf_arch
+from handlers.export.tokenizer_meta import TokenizerMeta, add_tokenizer_to_writer
+
+log = logging.getLogger(__name__)
+
+# job key -> (tensor type name, llama.cpp file type name)
+OUT_TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+             "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # logical shape, numpy order
+    qtype: str  # GGMLQuantizationType name
+    nbytes: int
+    load: Callable[[], np.ndarray] = field(repr=False)
+
+
+@dataclass
+class GGUFResult:
+    path: Path
+    out_type: str
+    tensors: list[tuple[str, tuple[int, ...], str]]  # what the verifier expects to read back
+    seconds: float
+    size_bytes: int
+    fallbacks: list[str]
+
+
+class SafetensorsSource:
+    """The tensors of a ``save_pretrained`` folder (one file or sharded), opened lazily with mmap."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack):
+        from safetensors import safe_open
+
+        model_dir = Path(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+        self.handles: dict[str, Any] = {}
+        self.nbytes = 0
+        for fname in files:
+            path = model_dir / fname
+            if not path.is_file():
+                raise StageFailed(f"{path} is missing: the merged model folder is incomplete; rerun the export")
+            self.nbytes += path.stat().st_size
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for name in handle.keys():
+                self.handles[name] = handle
+
+    def names(self) -> list[str]:
+        return list(self.handles)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[name].get_slice(name).get_shape())
+
+    def load(self, name: str) -> Any:
+        return self.handles[name].get_tensor(name)
+
+
+def choose_qtype(name: str, shape: tuple[int, ...], out_type: str, tied: bool) -> str:
+    """Tensor type for one tensor in an ``out_type`` file (llama.cpp's rules)."""
+    import gguf
+
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return "F32"
+    qtype = OUT_TYPES[out_type][0]
+    # gguf-py has no Q6_K; llama.cpp keeps the output projection at a higher precision in small quants
+    if qtype == "Q4_0" and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        qtype = "Q8_0"
+    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    if shape[-1] % block:
+        return "F16"
+    return qtype
+
+
+def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return int(np.prod(shape)) // block * size
+
+
+def _convert(t: Any, qtype: str) -> np.ndarray:
+    """torch tensor -> the bytes (as an array) of one GGUF tensor of ``qtype``."""
+    import gguf
+    import torch
+
+    if qtype == "F32":
+        return t.to(torch.float32).numpy()
+    if qtype == "F16":
+        return t.to(torch.float16).numpy()
+    if qtype == "BF16":  # torch rounds to nearest even, like ggml
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(t.to(torch.float32).numpy(), gguf.GGMLQuantizationType[qtype])
+
+
+def plan_tensors(spec: gguf_arch.ArchSpec, source: SafetensorsSource, out_type: str) -> tuple[list[PlannedTensor], list[str]]:
+    """Every tensor of the file, in write order, with its type and size; and the F16 fallbacks taken."""
+    import gguf
+    import torch
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()],
+                                        int(spec.config["num_hidden_layers"]))
+    transform = gguf_arch.tensor_transform(spec)
+    planned: list[PlannedTensor] = []
+    fallbacks: list[str] = []
+    for name, data in gguf_arch.extra_tensors(spec):
+        planned.append(PlannedTensor(name, data.shape, "F32", data.nbytes, lambda d=data: d))
+    for hf_name in source.names():
+        new = gguf_arch.gguf_name(spec, name_map, hf_name)
+        if new is None:
+            continue
+        shape = source.shape(hf_name)
+        qtype = choose_qtype(new, shape, out_type, spec.tied)
+        if qtype == "F16" and OUT_TYPES[out_type][0] not in ("F16",) and len(shape) > 1:
+            fallbacks.append(new)
+
+        def load(hf_name: str = hf_name, qtype: str = qtype) -> np.ndarray:
+            t = source.load(hf_name)
+            if spec.gguf_arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight",
+                                                               "q_proj.bias", "k_proj.bias")):
+                t = torch.from_numpy(transform(hf_name, t.to(torch.float32).numpy()))
+            return _convert(t, qtype)
+
+        planned.append(PlannedTensor(new, shape, qtype, _nbytes(shape, qtype), load))
+    return planned, fallbacks
+
+
+def write_gguf(model_dir: Path, out_path: Path, out_type: str, meta: TokenizerMeta, *, name: str,
+               config: dict[str, Any] | None = None, on_tensor: Callable[[int, int], None] | None = None) -> GGUFResult:
+    """Write ``model_dir`` (a merged save_pretrained folder) as ``out_path`` of ``out_type``; atomic rename."""
+    import gguf
+
+    if out_type not in OUT_TYPES:
+        raise StageFailed(f"export.gguf: unknown type {out_type!r}; use one of {', '.join(OUT_TYPES)}")
+    start = time.perf_counter()
+    config = config or json.loads((Path(model_dir) / "config.json").read_text())
+    spec = gguf_arch.arch_spec(config)
+    if len(meta.tokens) != int(config["vocab_size"]):
+        raise StageFailed(f"tokenizer metadata has {len(meta.tokens)} tokens, the model {config['vocab_size']}")
+    out_path = Path(out_path)
+    part = out_path.with_name(out_path.name + ".part")
+    with ExitStack() as stack:
+        source = SafetensorsSource(Path(model_dir), stack)
+        planned, fallbacks = plan_tensors(spec, source, out_type)
+        writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type(int(gguf.LlamaFileType[OUT_TYPES[out_type][1]]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        gguf_arch.write_hparams(writer, spec)
+        if (attn_factor := gguf_arch.longrope_attn_factor(spec)) is not None:
+            writer.add_rope_scaling_attn_factors(attn_factor)
+        add_tokenizer_to_writer(writer, meta)
+        for t in planned:
+            qtype = gguf.GGMLQuantizationType[t.qtype]
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=qtype)
+        writer.write_header_to_file(path=part)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, t in enumerate(planned):
+            data = t.load()
+            if data.nbytes != t.nbytes:
+                raise StageFailed(f"{t.name}: converted to {data.nbytes} bytes, planned {t.nbytes} (a bug)")
+            writer.write_tensor_data(data)
+            if on_tensor is not None:
+                on_tensor(i + 1, len(planned))
+        writer.close()
+    with open(part, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(part, out_path)
+    seconds = time.perf_counter() - start
+    log.info("wrote %s (%s, %d tensors, %.1f MB) in %.2f s", out_path.name, out_type, len(planned),
+             out_path.stat().st_size / 1e6, seconds)
+    return GGUFResult(out_path, out_type, [(t.name, tuple(t.shape), t.qtype) for t in planned], seconds,
+                      out_path.stat().st_size, fallbacks)
