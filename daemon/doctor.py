@@ -100,14 +100,14 @@ def home_checks(home: Path, min_free_gb: float) -> list[Check]:
 
 
 def gpu_checks() -> list[Check]:
-    from daemon.top import gpu_snapshot
+    from daemon.gpus import gpu_readings
 
-    gpus, error = gpu_snapshot()
-    if error:
-        return [Check("nvml gpus", False, error, "install the NVIDIA driver to use a GPU; CPU training works without",
-                      required=False)]
-    return [Check("nvml gpus", True, "; ".join(f"{g['index']}: {g['name']} {g['mem_total_mb'] / 1024:.0f} GiB"
-                                                for g in gpus))]
+    gpus = gpu_readings()
+    if not gpus:
+        return [Check("nvml gpus", False, "no NVIDIA GPU visible through NVML",
+                      "install the NVIDIA driver to use a GPU; CPU training works without", required=False)]
+    return [Check("nvml gpus", True, "; ".join(
+        f"{g['index']}: {g['name']} {g['memory_total_mib'] / 1024:.0f} GiB {g['temperature_c']}C" for g in gpus))]
 
 
 def notify_checks(backend_settings) -> list[Check]:

@@ -57,7 +57,7 @@ def probe(settings: NotifyBackendSettings) -> tuple[bool, str]:
 
 def send(note: Note, settings: NotifyBackendSettings) -> None:
     timeout = settings.timeout_seconds
-    title = f"trainbox: {note.title}"
+    title = note.headline()
     if sys.platform == "win32":
         try:
             from plyer import notification

@@ -29,9 +29,13 @@ class Note:
     def good(self) -> bool:
         return self.event in GOOD_EVENTS
 
+    def headline(self) -> str:
+        """The title with the app name in front (once: callers may have put it there already)."""
+        return self.title if self.title.lower().startswith("trainbox") else f"trainbox: {self.title}"
+
     def sentence(self) -> str:
         """What the speech backend says: short, no punctuation soup."""
-        return f"trainbox. {self.title}."[:200]
+        return self.headline().replace(":", ".")[:200]
 
 
 def coalesce(notes: list[Note], more: bool) -> Note:

@@ -19,13 +19,13 @@ NTFY_TAGS = {"job_succeeded": "white_check_mark", "model_exported": "package", "
 def payload(note: Note, fmt: str, url: str) -> tuple[str, dict[str, Any]]:
     """(URL to post to, JSON body) for the configured format."""
     if fmt == "slack":
-        return url, {"text": f"*trainbox: {note.title}*\n{note.message}"}
+        return url, {"text": f"*{note.headline()}*\n{note.message}"}
     if fmt == "ntfy":
         # ntfy takes JSON at the server root with the topic in the body: https://ntfy.sh/mytopic -> topic mytopic
         parts = urlsplit(url)
         topic = parts.path.strip("/")
         root = urlunsplit((parts.scheme, parts.netloc, "/", "", ""))
-        return root, {"topic": topic, "title": f"trainbox: {note.title}", "message": note.message,
+        return root, {"topic": topic, "title": note.headline(), "message": note.message,
                       "tags": [NTFY_TAGS.get(note.event, "bell")], "priority": 3 if note.good else 4}
     return url, {"source": "trainbox", "event": note.event, "title": note.title, "message": note.message,
                  "count": note.count, "time": note.time, "host": socket.gethostname(), "data": note.data}
