@@ -92,7 +92,10 @@ def translate(render: Render, template: str | None, bos: str | None, add_bos: bo
     user_suf = _split(without_gen, u2)[1]
     if not gen_tail.startswith(user_suf) or not m1.startswith(user_suf) or not m2.endswith(user_pre):
         raise ValueError("the chat template's turns are not a fixed prefix/suffix per role")
-    t = Translation(family_of(template), "" if add_bos else lead, (user_pre, user_suf),
+    family = family_of(template)
+    if family == "custom":  # e.g. "<|{{ role }}|>": recognise the rendered markers instead
+        family = family_of(with_gen)
+    t = Translation(family, "" if add_bos else lead, (user_pre, user_suf),
                     (m1[len(user_suf):], m2[: len(m2) - len(user_pre)]), gen_tail[len(user_suf):], None)
     try:
         s = _MARK["system"]

@@ -90,6 +90,8 @@ def compare_with_transformers(model_dir: Path, gguf_name: str, ref_model: Any, t
     kwargs: dict[str, Any] = {"dtype": torch.float32, "gguf_file": gguf_name}
     if override_config:
         kwargs["config"] = ref_model.config
+    else:  # Phi3Config defaults pad_token_id to 32000, past a small vocabulary, when the GGUF names no pad
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
     diffs, agree = [], 0
     for ids in prompt_ids(tokenizer, prompts):
