@@ -81,6 +81,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        initializer_range=0.1,  # wider than the usual 0.02 so LoRA alone can move the logits: the demo learns fast
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype="float32")
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,17 @@
+"""Train stage: LoRA / QLoRA fine-tuning with atomic checkpoints and exact resume.
+
+Importing this package stays torch-free (the daemon imports ``handlers.train.requirements``);
+``run`` loads the heavy modules.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from handlers.context import StageContext, StageResult
+
+
+def run(ctx: "StageContext") -> "StageResult":
+    from handlers.train.stage import run_train
+
+    return run_train(ctx)

@@ -1,0 +1,185 @@
+"""The training loop: one optimizer step at a time, with checkpoints, evals and stops at step boundaries.
+
+Timers (APScheduler) and signals only raise flags; all saving happens here between steps, so a checkpoint
+always describes a state the loop really passed through.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from daemon.errors import StopRequested
+from handlers.context import StageContext
+from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
+from handlers.train.data import IGNORE, StepBatches
+from handlers.train.metrics import MetricsLog
+from handlers.train.monitor import UpdateMonitor
+from handlers.train.trainstate import TrainState, save_training_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Flags:
+    """Raised by timers and read by the loop at the next step boundary."""
+
+    checkpoint_due: threading.Event = field(default_factory=threading.Event)
+    progress_due: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class TrainRun:
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: StepBatches
+    val_batches: list[dict[str, torch.Tensor]]
+    state: TrainState
+    metrics: MetricsLog
+    monitor: UpdateMonitor
+    flags: Flags
+    device: str
+    total_steps: int
+    max_grad_norm: float
+    eval_every: int | None
+    checkpoint_root: Path
+    keep: int
+    every_steps: int | None
+    write_progress_log: Callable[[dict[str, Any]], None]
+    on_row: Callable[[dict[str, Any]], None] | None = None
+    system: dict[str, Any] = field(default_factory=dict)  # latest CPU/RAM/GPU snapshot (background sampler)
+    checkpoints_written: list[Checkpoint] = field(default_factory=list)
+    checkpoint_seconds: float = 0.0
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the label tokens of a batch, and how many there were."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(run: TrainRun, step: int) -> dict[str, Any]:
+    """One optimizer step over its micro-batches; the loss is the mean over all label tokens of the step."""
+    micro = run.batches.micro_batches(step)
+    n_label = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+    lr = run.scheduler.get_last_lr()[0]
+    total = 0.0
+    for mb in micro:
+        loss_sum, _n = token_loss_sum(run.model, _to(mb, run.device))
+        (loss_sum / n_label).backward()
+        total += float(loss_sum.detach())
+    run.monitor.after_backward()
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": total / n_label, "learning_rate": lr, "grad_norm": grad_norm,
+            "tokens": sum(int(mb["attention_mask"].sum()) for mb in micro),
+            "samples": sum(int(mb["input_ids"].shape[0]) for mb in micro)}
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: str) -> float:
+    """Token-mean loss over the validation batches (dropout off; no RNG is consumed)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss_sum, n = token_loss_sum(model, _to(batch, device))
+        total, count = total + float(loss_sum), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def save_checkpoint(run: TrainRun, kind: str) -> Checkpoint:
+    started = time.monotonic()
+    checkpoint = write_checkpoint_atomically(
+        run.checkpoint_root, run.state.step, kind,
+        lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state),
+        extra={"epoch": run.state.epoch, "index_in_epoch": run.state.index_in_epoch,
+               "fingerprint": run.state.fingerprint})
+    rotate_checkpoints(run.checkpoint_root, run.keep)
+    run.metrics.write_csv()
+    elapsed = time.monotonic() - started
+    run.checkpoint_seconds += elapsed
+    run.checkpoints_written.append(checkpoint)
+    log.info("checkpoint %s (%s) written in %.2f s", checkpoint.path.name, kind, elapsed)
+    return checkpoint
+
+
+def _checkpoint_kind(run: TrainRun, epoch_end: bool) -> str | None:
+    step = run.state.step
+    if step == run.total_steps:
+        return "final"
+    if epoch_end:
+        return "epoch"
+    if run.every_steps and step % run.every_steps == 0:
+        return "rolling"
+    if run.flags.checkpoint_due.is_set():
+        return "rolling"
+    return None
+
+
+def progress_fields(run: TrainRun, row: dict[str, Any], step_seconds: float) -> dict[str, Any]:
+    remaining = run.total_steps - run.state.step
+    return {"epoch": row["epoch"], "step": run.state.step, "total_steps": run.total_steps, "loss": row["loss"],
+            "learning_rate": row["learning_rate"], "samples_per_s": row["samples_per_s"],
+            "tokens_per_s": row["tokens_per_s"], "eta_s": round(remaining * step_seconds, 1)}
+
+
+def train_loop(ctx: StageContext, run: TrainRun) -> None:
+    """Run steps until ``total_steps``; on a stop request save an emergency checkpoint and raise StopRequested."""
+    run.model.train()
+    step_seconds = None
+    while run.state.step < run.total_steps:
+        if ctx.should_stop():
+            save_checkpoint(run, "emergency")
+            raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; resume continues from here")
+        started = time.monotonic()
+        epoch, index = run.batches.position(run.state.step)
+        out = train_step(run, run.state.step)
+        elapsed = time.monotonic() - started
+        step_seconds = elapsed if step_seconds is None else 0.9 * step_seconds + 0.1 * elapsed
+        state = run.state
+        state.step += 1
+        state.epoch, state.index_in_epoch = run.batches.position(state.step)
+        state.tokens_seen += out["tokens"]
+        state.samples_seen += out["samples"]
+        state.train_seconds += elapsed
+        epoch_end = index + 1 == run.batches.steps_per_epoch
+        row = {"step": state.step, "epoch": round(epoch + (index + 1) / run.batches.steps_per_epoch, 4),
+               "loss": out["loss"], "learning_rate": out["learning_rate"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": round(out["tokens"] / elapsed, 2), "samples_per_s": round(out["samples"] / elapsed, 3),
+               "elapsed_s": round(state.train_seconds, 3), "time": time.time()}
+        due_eval = (run.eval_every and state.step % run.eval_every == 0) or epoch_end or state.step == run.total_steps
+        if run.val_batches and due_eval:
+            row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device)
+            row["perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+        run.metrics.append(row)
+        if run.on_row:
+            run.on_row(row)
+        fields = progress_fields(run, row, step_seconds)
+        ctx.report_progress(**fields, **{k: v for k, v in run.system.items() if k != "gpus"})
+        run.monitor.after_step(state.step)
+        kind = _checkpoint_kind(run, epoch_end)
+        if kind:
+            run.flags.checkpoint_due.clear()
+            save_checkpoint(run, kind)
+        if run.flags.progress_due.is_set():
+            run.flags.progress_due.clear()
+            run.write_progress_log(fields)

@@ -1,0 +1,55 @@
+"""Load the base model for the chosen plan and wrap it with LoRA adapters (peft)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from daemon.errors import StageFailed
+from daemon.jobspec import LoraSpec
+from handlers.modelio import load_causal_lm
+from handlers.train.plan import TrainPlan
+
+log = logging.getLogger(__name__)
+
+
+def auto_target_modules(model: torch.nn.Module) -> list[str]:
+    """Every linear projection of the decoder (q/k/v/o, fused qkv_proj, MLP, ...), never the output head."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise StageFailed("the model has no linear layers to adapt; set train.lora.target_modules explicitly")
+    return sorted(names)
+
+
+def build_model(model_ref: str, plan: TrainPlan, lora: LoraSpec) -> Any:
+    """Base model (frozen, maybe quantized) plus trainable LoRA adapters, on ``plan.device``."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    dtype = getattr(torch, plan.dtype)
+    quantization = {"bits": plan.bits} if plan.method == "qlora" else None
+    model = load_causal_lm(model_ref, device=plan.device, dtype=dtype, quantization=quantization)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    checkpointing_kwargs = {"use_reentrant": False}
+    if quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs)
+    elif plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    targets = auto_target_modules(model) if lora.target_modules == "auto" else list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise StageFailed(f"train.lora.target_modules {targets}: {exc}; use auto or names of linear layers "
+                          "of this model (e.g. q_proj, v_proj)") from exc
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.alpha,
+             ",".join(targets), trainable, total, 100 * trainable / max(total, 1))
+    return model

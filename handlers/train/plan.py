@@ -1,0 +1,135 @@
+"""Decide how to train on this machine: device, precision, LoRA or QLoRA, gradient checkpointing.
+
+Memory estimates are deliberately rough (weights + LoRA optimizer state + activations); they only choose
+between modes, and the README says how to force a mode when the guess is wrong.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import StageFailed
+from daemon.jobspec import TrainSpec
+from handlers.train.requirements import check_train_requirements
+
+log = logging.getLogger(__name__)
+
+GIB = 1024 ** 3
+USABLE_GPU_FRACTION = 0.85  # leave room for the CUDA context, fragmentation and the allocator's cache
+
+
+@dataclass
+class TrainPlan:
+    device: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    method: str  # "lora" | "qlora"
+    bits: int | None
+    gradient_checkpointing: bool
+    estimates: dict[str, Any]
+
+
+@dataclass
+class ModelShape:
+    params: int
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """Parameter count from a config.json (decoder-only transformer formula, embeddings included)."""
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    vocab = int(config.get("vocab_size") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv = int(config.get("num_key_value_heads") or heads)
+    kv_dim = hidden * kv // heads
+    per_layer = hidden * (hidden + 2 * kv_dim) + hidden * hidden + 3 * hidden * inter
+    tied = bool(config.get("tie_word_embeddings", False))
+    params = layers * per_layer + vocab * hidden * (1 if tied else 2)
+    return ModelShape(params, hidden, layers, inter, vocab)
+
+
+def read_config(model_ref: str) -> dict[str, Any]:
+    path = Path(model_ref) / "config.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from transformers import AutoConfig  # hub id: the config is small
+
+    return AutoConfig.from_pretrained(model_ref).to_dict()
+
+
+def activation_bytes(shape: ModelShape, batch: int, seq: int, bytes_per: int) -> int:
+    """Activations kept for backward without checkpointing, plus fp32 logits and their gradient."""
+    tokens = batch * seq
+    per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate) * bytes_per
+    return shape.layers * per_layer + tokens * shape.vocab * 4 * 3
+
+
+def _cuda_total_bytes(device: str) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+
+def resolve_device(spec: TrainSpec, ctx_device: str) -> str:
+    import torch
+
+    device = ctx_device if spec.device == "auto" else spec.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if spec.device == "auto":
+            return "cpu"
+        raise StageFailed(f"train.device: {spec.device} but torch sees no CUDA GPU; set train.device: auto or cpu")
+    return "cuda:0" if device == "cuda" else device
+
+
+def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
+    """Pick the training mode; raises StageFailed for settings this machine cannot run."""
+    import torch
+
+    device = resolve_device(spec, ctx_device)
+    cuda = device.startswith("cuda")
+    problems = check_train_requirements(spec, cuda_available=cuda)
+    if problems:
+        raise StageFailed("; ".join(problems))
+    if spec.precision == "auto":
+        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else ("float16" if cuda else "float32")
+    else:
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[spec.precision]
+    shape = model_shape(read_config(model_ref))
+    bytes_per = 4 if dtype == "float32" else 2
+    weights = shape.params * bytes_per
+    acts = activation_bytes(shape, spec.batch_size, spec.max_seq_length, bytes_per)
+    budget = _cuda_total_bytes(device) * USABLE_GPU_FRACTION if cuda else None
+    method = spec.method
+    if method == "auto":
+        # QLoRA costs speed; take it only when the half-precision weights alone leave too little room
+        method = "qlora" if budget is not None and weights + 0.1 * acts > budget else "lora"
+    bits = spec.bits if method == "qlora" else None
+    weight_bytes = shape.params * bits // 8 if bits else weights
+    if spec.gradient_checkpointing == "auto":
+        checkpointing = budget is not None and weight_bytes + acts > budget
+    else:
+        checkpointing = bool(spec.gradient_checkpointing)
+    estimates = {"params": shape.params, "weight_gib": round(weight_bytes / GIB, 2),
+                 "activation_gib": round(acts / GIB, 2),
+                 "gpu_budget_gib": round(budget / GIB, 2) if budget else None}
+    log.info("plan: %s on %s, %s, gradient checkpointing %s (estimates %s)", method, device, dtype,
+             "on" if checkpointing else "off", estimates)
+    return TrainPlan(device, dtype, method, bits, checkpointing, estimates)
+
+
+def steps_per_epoch(rows: int, batch_size: int, accumulation: int) -> int:
+    return max(1, math.ceil(math.ceil(rows / batch_size) / accumulation))
+
+
+def total_steps(spec: TrainSpec, rows: int) -> int:
+    if spec.max_steps:
+        return spec.max_steps
+    return max(1, math.ceil(spec.epochs * steps_per_epoch(rows, spec.batch_size, spec.gradient_accumulation_steps)))

@@ -1,0 +1,124 @@
+"""Progress logs and resource warnings: CPU/RAM through psutil, per-GPU numbers through pynvml.
+
+Every ``progress_log.interval_seconds`` a snapshot goes to ``progress_logs/progress_<UTC>.json`` and the
+rolling ``progress_summary.json``. GPU fields are null (and ``gpus`` empty) where no NVIDIA GPU is present.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from daemon.fsio import read_json, write_json_atomically
+from handlers.train.metrics import utc_stamp
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = "progress_logs"
+SUMMARY = "progress_summary.json"
+SUMMARY_WINDOW = 20
+TRAINING_FIELDS = ("epoch", "step", "total_steps", "loss", "learning_rate", "samples_per_s", "tokens_per_s", "eta_s")
+DEFAULT_THRESHOLDS = {"gpu_temp_c": 75.0, "ram_percent": 95.0, "cpu_percent": 90.0, "cpu_sustained_seconds": 120.0}
+WARNING_REPEAT_SECONDS = 600.0
+
+
+class GpuProbe:
+    """pynvml readings for every GPU; an empty list where NVML is missing (no NVIDIA driver)."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception as exc:  # NVMLError, ImportError, OSError: every one means "no GPU readings"
+            log.debug("no NVML (%s): GPU fields stay null", exc)
+
+    def sample(self) -> list[dict[str, Any]]:
+        if self._nvml is None:
+            return []
+        nv = self._nvml
+        gpus = []
+        for index in range(nv.nvmlDeviceGetCount()):
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            memory = nv.nvmlDeviceGetMemoryInfo(handle)
+            name = nv.nvmlDeviceGetName(handle)
+            gpus.append({"index": index, "name": name.decode() if isinstance(name, bytes) else name,
+                         "utilization_percent": nv.nvmlDeviceGetUtilizationRates(handle).gpu,
+                         "memory_used_mb": round(memory.used / 2**20), "memory_total_mb": round(memory.total / 2**20),
+                         "temperature_c": nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)})
+        return gpus
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.nvmlShutdown()
+            self._nvml = None
+
+
+def system_snapshot(probe: GpuProbe, device: str) -> dict[str, Any]:
+    """CPU %, RAM %, process RSS and GPU readings; ``gpu_*`` describe the training device (null on CPU)."""
+    gpus = probe.sample()
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    mine = gpus[index] if device.startswith("cuda") and index < len(gpus) else None
+    return {"cpu_percent": psutil.cpu_percent(interval=None), "ram_percent": psutil.virtual_memory().percent,
+            "process_rss_mb": round(psutil.Process().memory_info().rss / 2**20), "gpus": gpus,
+            "gpu_utilization_percent": mine and mine["utilization_percent"],
+            "gpu_memory_used_mb": mine and mine["memory_used_mb"],
+            "gpu_memory_total_mb": mine and mine["memory_total_mb"],
+            "gpu_temperature_c": mine and mine["temperature_c"]}
+
+
+def write_progress_log(stage_dir: Path, record: dict[str, Any]) -> Path:
+    """One timestamped progress file, and the rolling summary (latest record plus a short history)."""
+    now = time.time()
+    record = {"time": now, "utc": utc_stamp(now), **record}
+    path = stage_dir / PROGRESS_DIR / f"progress_{record['utc']}.json"
+    write_json_atomically(path, record)
+    summary = read_json(stage_dir / SUMMARY, default={}) or {}
+    recent = (summary.get("recent") or [])[-(SUMMARY_WINDOW - 1):] + [record]
+    write_json_atomically(stage_dir / SUMMARY, {"latest": record, "recent": recent,
+                                                "logs_written": int(summary.get("logs_written", 0)) + 1,
+                                                "last_log": path.name, **record})
+    return path
+
+
+class ResourceWatch:
+    """Turns snapshots into rate-limited ``resource_warning`` events (thresholds from daemon settings)."""
+
+    def __init__(self, settings: dict[str, Any], emit: Callable[..., None],
+                 repeat_seconds: float = WARNING_REPEAT_SECONDS):
+        self.limits = {k: float(settings.get(k, v)) for k, v in DEFAULT_THRESHOLDS.items()}
+        self.emit, self.repeat_seconds = emit, repeat_seconds
+        self._last_sent: dict[str, float] = {}
+        self._cpu_high_since: float | None = None
+
+    def check(self, snap: dict[str, Any], now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        found: list[tuple[str, str, dict[str, Any]]] = []
+        for gpu in snap.get("gpus") or []:
+            if gpu["temperature_c"] is not None and gpu["temperature_c"] > self.limits["gpu_temp_c"]:
+                found.append((f"gpu{gpu['index']}_temp", f"GPU {gpu['index']} is at {gpu['temperature_c']} C "
+                              f"(limit {self.limits['gpu_temp_c']:g} C); check cooling and airflow",
+                              {"gpu": gpu["index"], "value": gpu["temperature_c"]}))
+        if snap["ram_percent"] > self.limits["ram_percent"]:
+            found.append(("ram", f"RAM use is {snap['ram_percent']:.0f}% (limit {self.limits['ram_percent']:g}%); "
+                          "close other programs or lower train.batch_size", {"value": snap["ram_percent"]}))
+        if snap["cpu_percent"] > self.limits["cpu_percent"]:
+            self._cpu_high_since = self._cpu_high_since if self._cpu_high_since is not None else now
+            if now - self._cpu_high_since >= self.limits["cpu_sustained_seconds"]:
+                found.append(("cpu", f"CPU has been above {self.limits['cpu_percent']:g}% for "
+                              f"{now - self._cpu_high_since:.0f} s", {"value": snap["cpu_percent"]}))
+        else:
+            self._cpu_high_since = None
+        sent = []
+        for key, message, data in found:
+            if now - self._last_sent.get(key, -1e18) >= self.repeat_seconds:
+                self._last_sent[key] = now
+                log.warning("resource warning: %s", message)
+                self.emit("resource_warning", message, resource=key, **data)
+                sent.append(key)
+        return sent

@@ -1,0 +1,223 @@
+"""The train stage, top to bottom: plan, data, model, resume, loop, outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from daemon.errors import StageFailed
+from daemon.fsio import fsync_dir
+from handlers.context import StageContext, StageResult
+from handlers.modelio import load_tokenizer, resolve_base_model
+from handlers.train import data, metrics, progress
+from handlers.train.checkpoints import newest_complete_checkpoint
+from handlers.train.loop import Flags, TrainRun, train_loop
+from handlers.train.model import build_model
+from handlers.train.monitor import UpdateMonitor
+from handlers.train.plan import make_plan, resolve_device, total_steps
+from handlers.train.requirements import check_train_requirements
+from handlers.train.timers import start_timers
+from handlers.train.trainstate import TrainState, load_training_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+NON_MATH_KEYS = ("checkpoint", "progress_log", "monitor", "tensorboard", "device")
+
+
+def configure_torch(device: str) -> None:
+    """Threads for the cores we may use, and deterministic kernels (exact resume depends on them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores))
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_file(ctx: StageContext, name: str) -> Path:
+    try:
+        return ctx.input_artifact("prepare", name)
+    except KeyError:
+        if "prepare" not in ctx.stage_dirs:
+            raise StageFailed("the train stage reads the prepare stage's splits; add prepare to the job's stages")
+        return ctx.input_dir("prepare") / "splits" / f"{name}.jsonl"
+
+
+def fingerprint(ctx: StageContext, files: list[Path]) -> str:
+    """What decides the numbers of a run: train settings, seed, base model and data (not timers or paths)."""
+    train = ctx.job.train.model_dump(exclude=set(NON_MATH_KEYS))
+    digest = hashlib.sha256(json.dumps([train, ctx.job.seed, ctx.job.base_model], sort_keys=True).encode())
+    for path in files:
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()[:16]
+
+
+def save_outputs(stage_dir: Path, model: Any, tokenizer: Any) -> tuple[Path, Path]:
+    """Final adapter and tokenizer folders, each written aside and renamed into place."""
+    out = []
+    for name, obj in (("adapter", model), ("tokenizer", tokenizer)):
+        target, tmp = stage_dir / name, stage_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        obj.save_pretrained(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+        out.append(target)
+    fsync_dir(stage_dir)
+    return out[0], out[1]
+
+
+def run_train(ctx: StageContext) -> StageResult:
+    spec, stage_dir = ctx.job.train, ctx.stage_dir
+    started = time.time()
+    device = resolve_device(spec, ctx.device)
+    problems = check_train_requirements(spec, cuda_available=device.startswith("cuda"))
+    if problems:
+        raise StageFailed("; ".join(problems))
+    configure_torch(device)
+    base = resolve_base_model(ctx.job.base_model, ctx.home)
+    plan = make_plan(spec, device, base)
+    seed_everything(ctx.job.seed)
+
+    tokenizer = load_tokenizer(base)
+    train_file, val_file = split_file(ctx, "train"), split_file(ctx, "val")
+    train_rows = data.encode_split(tokenizer, data.read_split(train_file), spec.max_seq_length, "train")
+    val_rows = (data.encode_split(tokenizer, data.read_split(val_file), spec.max_seq_length, "val")
+                if val_file.exists() else [])
+    if not train_rows:
+        raise StageFailed(f"{train_file}: no training rows; add rows to the dataset or lower prepare.split.val/test")
+    pad_id = tokenizer.pad_token_id
+    batches = data.StepBatches(train_rows, spec.batch_size, spec.gradient_accumulation_steps, ctx.job.seed, pad_id)
+    steps = total_steps(spec, len(train_rows))
+
+    from transformers import get_scheduler
+
+    model = build_model(base, plan, spec.lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
+                                  weight_decay=spec.weight_decay)
+    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
+                              num_training_steps=steps)
+    state = TrainState(fingerprint=fingerprint(ctx, [train_file, val_file]))
+    resumed_from = None
+    checkpoint = newest_complete_checkpoint(stage_dir / CHECKPOINTS)
+    if checkpoint is not None:
+        expected = state.fingerprint
+        state = load_training_state(checkpoint, model, optimizer, scheduler)
+        resumed_from = state.step
+        if state.fingerprint != expected:
+            log.warning("checkpoint %s was made with other settings or data; resuming anyway, but the result "
+                        "will not match a fresh run", checkpoint.path.name)
+        log.info("resuming from %s (step %d of %d)", checkpoint.path.name, state.step, steps)
+
+    run = TrainRun(
+        model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+        val_batches=data.eval_batches(val_rows, spec.batch_size, pad_id), state=state,
+        metrics=metrics.MetricsLog(stage_dir, state.history), monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
+        flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
+        eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
+        every_steps=spec.checkpoint.every_steps, write_progress_log=lambda f: None)
+    state.history = run.metrics.history  # the checkpoint carries the rows written so far
+    probe = progress.GpuProbe()
+    watch = progress.ResourceWatch(ctx.settings.get("resources", {}), ctx.emit_event)
+    run.write_progress_log = lambda f: progress.write_progress_log(stage_dir, {**f, **run.system})
+    tensorboard = open_tensorboard(stage_dir) if spec.tensorboard else None
+    if tensorboard is not None:
+        run.on_row = lambda row: log_scalars(tensorboard, row)
+
+    def sample() -> None:
+        snap = progress.system_snapshot(probe, plan.device)
+        run.system.update(snap)
+        watch.check(snap)
+
+    sample()
+    run.write_progress_log({"epoch": state.epoch, "step": state.step, "total_steps": steps, "loss": None,
+                            "learning_rate": scheduler.get_last_lr()[0], "samples_per_s": None,
+                            "tokens_per_s": None, "eta_s": None})
+    timers = start_timers(run.flags, spec, float(ctx.settings.get("resources", {}).get("check_seconds", 30)), sample)
+    try:
+        train_loop(ctx, run)
+    finally:
+        timers.shutdown(wait=False)
+        run.metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
+    return finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows), probe)
+
+
+def open_tensorboard(stage_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("train.tensorboard is on but the tensorboard package is missing; pip install tensorboard")
+        return None
+    return SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
+
+
+def log_scalars(writer: Any, row: dict[str, Any]) -> None:
+    for key, value in row.items():
+        if key not in ("step", "time") and isinstance(value, (int, float)):
+            writer.add_scalar(f"train/{key}", value, row["step"])
+
+
+def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
+           resumed_from: int | None, n_train: int, n_val: int, probe: progress.GpuProbe) -> StageResult:
+    stage_dir, state, history = ctx.stage_dir, run.state, run.metrics.history
+    adapter_dir, _tokenizer_dir = save_outputs(stage_dir, run.model, tokenizer)
+    run.metrics.write_csv()
+    metrics.plot_curves(history, stage_dir / metrics.PLOT)
+    losses = [r["loss"] for r in history if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+    final = history[-1] if history else {}
+    run.system.update(progress.system_snapshot(probe, plan.device))
+    probe.close()
+    run.write_progress_log({"epoch": state.epoch, "step": state.step, "total_steps": run.total_steps,
+                            "loss": final.get("loss"), "learning_rate": final.get("learning_rate"),
+                            "samples_per_s": round(state.samples_seen / max(state.train_seconds, 1e-9), 3),
+                            "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2),
+                            "eta_s": 0.0})
+    files = {"adapter": "adapter", "tokenizer": "tokenizer", "checkpoints": CHECKPOINTS,
+             "metrics_jsonl": metrics.JSONL, "metrics_csv": metrics.CSV, "plot": metrics.PLOT,
+             "progress_summary": progress.SUMMARY}
+    summary = {
+        "base_model_path": base, "total_steps": run.total_steps, "final_loss": final.get("loss"),
+        "min_loss": min(losses) if losses else None, "final_eval_loss": evals[-1] if evals else None,
+        "train_seconds": round(state.train_seconds, 3),
+        "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2),
+        "resumed_from_step": resumed_from, "method": plan.method, "device": plan.device, "dtype": plan.dtype,
+        "gradient_checkpointing": plan.gradient_checkpointing, "train_rows": n_train, "val_rows": n_val,
+        "checkpoint_seconds": round(run.checkpoint_seconds, 3),
+        "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "modules_not_learning": run.monitor.summary()["modules_not_learning"]}
+    config = {"job": ctx.job.model_dump(mode="json"), "plan": asdict(plan), "base_model_path": base}
+    report_path, summary_csv = metrics.write_report(
+        stage_dir, history, config, started, time.time(), run.total_steps, files,
+        {"summary": summary, "monitor": run.monitor.summary(),
+         "checkpoints": [c.path.name for c in run.checkpoints_written]})
+    files["report"] = str(report_path.relative_to(stage_dir))
+    files["summary_csv"] = str(summary_csv.relative_to(stage_dir))
+    loss_text = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+    return StageResult(summary=summary, artifacts=files,
+                       message=f"trained {run.total_steps} steps ({plan.method}, {plan.device}), final loss {loss_text}",
+                       model={"train_loss": summary["final_loss"], "base_model": ctx.job.base_model,
+                              "adapter": str(adapter_dir.resolve())})
