@@ -80,10 +80,10 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                                       "version": _trainbox_version(), "home": str(layout.home)})
 
         _install_signal_handlers()
-        heartbeat()
         ingestor.recover()
         supervisor.recover()
         watcher.start()
+        heartbeat()  # after the observer runs: "alive" means files dropped now are seen
         resources = ResourceWatch(settings.resources, layout.home, notifier.notify)
         scheduler = BackgroundScheduler(daemon=True)
         scheduler.add_job(lambda: (watcher.rescan(), _wake.set()), "interval",

@@ -19,11 +19,17 @@ COMMAND_MODULES = [
     "daemon.doctor",
     "daemon.registry",
     "daemon.notify.cli",
+    "daemon.top",
 ]
 EXIT_OK, EXIT_USAGE = 0, 2
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def say_error(message: str) -> None:
+    """A user-facing error on stderr, never wrapped (scripts grep it)."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
 
 
 def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (InvalidInput, DaemonAlreadyRunning) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        say_error(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -72,13 +72,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from daemon.cli import console
+    from daemon.cli import console, say_error
 
     inbox = Layout(_home(args)).inbox
     inbox.mkdir(parents=True, exist_ok=True)
     for src in args.files:
         if not src.is_file():
-            console.print(f"[red]error:[/] {src}: no such file")
+            say_error(f"{src}: no such file")
             return EXIT_USAGE
     for src in args.files:
         # copy under a hidden temp name, then rename: the daemon never sees a half-written file
@@ -118,12 +118,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from daemon.cli import console
+    from daemon.cli import console, say_error
     from daemon.ui import job_panel
 
     job = _store(_home(args)).find_job(args.job)
     if job is None:
-        console.print(f"[red]error:[/] no job matches {args.job!r}; 'trainbox jobs' lists them")
+        say_error(f"no job matches {args.job!r}; 'trainbox jobs' lists them")
         return EXIT_USAGE
     view = job_view(job)
     if args.json:
@@ -134,12 +134,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace, action: str) -> int:
-    from daemon.cli import console
+    from daemon.cli import console, say_error
 
     home = _home(args)
     job = _store(home).find_job(args.job)
     if job is None:
-        console.print(f"[red]error:[/] no job matches {args.job!r}; 'trainbox jobs' lists them")
+        say_error(f"no job matches {args.job!r}; 'trainbox jobs' lists them")
         return EXIT_USAGE
     try:
         check_request(_store(home), action, job["id"])
@@ -153,7 +153,7 @@ def _request(args: argparse.Namespace, action: str) -> int:
             (cancel_idle_job if action == "cancel" else retry_job)(store, job["id"])
         console.print(f"{job['id']}: {action} done" + (" (runs when the daemon starts)" if action == "retry" else ""))
     except RequestRefused as exc:
-        console.print(f"[red]error:[/] {exc}")
+        say_error(str(exc))
         return EXIT_USAGE
     except DaemonAlreadyRunning:
         write_request(home, action, job["id"])  # a daemon started meanwhile: let it apply the request

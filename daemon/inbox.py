@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -122,8 +123,21 @@ class InboxWatcher(FileSystemEventHandler):
 
     def ready_files(self) -> list[Path]:
         """Complete files, job YAMLs first (so a job dropped with its dataset claims it), oldest first."""
+        ready = self._complete_candidates()
+        if ready and any(closed is None for _, _, closed in ready):
+            busy = open_for_writing(self.inbox)  # a writer that started before we watched, or paused
+            if busy:
+                with self._lock:
+                    for _, path, closed in ready:
+                        if path in busy:
+                            self._pending[path] = _Candidate(-1, -1, time.monotonic(), closed)
+                ready = [r for r in ready if r[1] not in busy]
+        ready.sort(key=lambda item: (item[1].suffix not in (".yaml", ".yml"), item[0]))
+        return [path for _, path, _ in ready]
+
+    def _complete_candidates(self) -> list[tuple[float, Path, bool | None]]:
         now = time.monotonic()
-        ready: list[tuple[float, Path]] = []
+        ready: list[tuple[float, Path, bool | None]] = []
         with self._lock:
             for path, cand in list(self._pending.items()):
                 try:
@@ -139,11 +153,35 @@ class InboxWatcher(FileSystemEventHandler):
                 quiet = now - cand.changed_at
                 if (cand.closed is True and quiet >= SETTLE_AFTER_CLOSE_S) or (cand.closed is None and quiet >= self.settings.stable_seconds) or \
                         (cand.closed is False and quiet >= OPEN_WRITER_TIMEOUT_S):
-                    ready.append((cand.changed_at, path))
+                    ready.append((cand.changed_at, path, cand.closed))
                     del self._pending[path]
-        ready.sort(key=lambda item: (item[1].suffix not in (".yaml", ".yml"), item[0]))
-        return [path for _, path in ready]
+        return ready
 
     def has_pending(self) -> bool:
         with self._lock:
             return bool(self._pending)
+
+
+def open_for_writing(folder: Path) -> set[Path]:
+    """Files in ``folder`` that some process holds open for writing (Linux /proc; empty elsewhere)."""
+    proc = Path("/proc")
+    if not sys.platform.startswith("linux") or not proc.is_dir():
+        return set()
+    prefix = str(folder) + os.sep
+    busy: set[Path] = set()
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            fds = list(os.scandir(fd_dir))
+        except OSError:
+            continue  # process gone or not ours to read
+        for fd in fds:
+            try:
+                target = os.readlink(fd.path)
+                if not target.startswith(prefix):
+                    continue
+                flags = (fd_dir.parent / "fdinfo" / fd.name).read_text().split("flags:")[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if int(flags, 8) & (os.O_WRONLY | os.O_RDWR):
+                busy.add(Path(target))
+    return busy

@@ -273,7 +273,9 @@ class Supervisor:
     def _check_waiting(self) -> None:
         limit = self.settings.notify.waiting_too_long_seconds
         now = time.time()
-        for job in self.store.jobs.search((Q.state == "waiting") & (Q.waiting_notified.exists() == False)):  # noqa: E712
+        for job in self.store.jobs.search(Q.state == "waiting"):
+            if job.get("waiting_notified"):
+                continue
             if now - datetime.fromisoformat(job["created_at"]).timestamp() > limit:
                 self.store.update_job(job["id"], {"waiting_notified": True})
                 if "waiting" in job["spec"]["notify"]["on"]:
