@@ -1,20 +1,93 @@
-"""Rich renderables shared by the one-shot commands (status, jobs, show) and the live view."""
+"""Rich renderables shared by the one-shot commands (status, jobs, show, models) and the live view (top)."""
 from __future__ import annotations
 
-from typing import Any
+import time
+from datetime import datetime
+from typing import Any, Iterable
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.panel import Panel
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 STATE_STYLE = {"waiting": "yellow", "queued": "cyan", "running": "bold blue", "interrupted": "magenta",
                "succeeded": "green", "failed": "bold red", "cancelled": "dim", "pending": "dim",
                "skipped": "dim", "rejected": "red"}
+STATE_ORDER = ("running", "queued", "waiting", "interrupted", "failed", "succeeded", "cancelled")
+SPARK = "▁▂▃▄▅▆▇█"
 
 
+# small formatters -------------------------------------------------------------
 def state_text(state: str | None) -> Text:
     return Text(state or "-", style=STATE_STYLE.get(state or "", ""))
+
+
+def duration(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h01m``, ``3d04h``."""
+    if seconds is None:
+        return "?"
+    s = max(int(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def age_of(iso: str | None, now: float | None = None) -> float | None:
+    """Seconds since an ISO timestamp written by the store."""
+    if not iso:
+        return None
+    try:
+        return (now or time.time()) - datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
+
+
+def clock(value: Any) -> str:
+    """HH:MM:SS of an ISO string or an epoch number (event times come in both)."""
+    try:
+        ts = datetime.fromisoformat(value).timestamp() if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def numeric_items(summary: dict[str, Any] | None, limit: int = 6) -> list[tuple[str, float]]:
+    """Numbers of a stage summary, one level of nesting flattened (``loss.final``), at most ``limit``."""
+    out: list[tuple[str, float]] = []
+    for key, value in (summary or {}).items():
+        if isinstance(value, dict):
+            out += [(f"{key}.{k}", v) for k, v in value.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((key, value))
+    return out[:limit]
+
+
+def sparkline(values: Iterable[float], width: int) -> str:
+    """The whole series squeezed into ``width`` block characters (bucket means), low to high."""
+    data = [v for v in values if v is not None and v == v]
+    if not data or width <= 0:
+        return ""
+    if len(data) > width:
+        size = len(data) / width
+        data = [sum(chunk) / len(chunk) for chunk in
+                (data[int(i * size): max(int((i + 1) * size), int(i * size) + 1)] for i in range(width))]
+    lo, hi = min(data), max(data)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(int((v - lo) / span * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)] for v in data)
 
 
 def progress_text(progress: dict[str, Any] | None) -> str:
@@ -24,10 +97,18 @@ def progress_text(progress: dict[str, Any] | None) -> str:
     if progress.get("loss") is not None:
         parts.append(f"loss {progress['loss']:.4f}")
     if progress.get("eta_s") is not None:
-        parts.append(f"eta {int(progress['eta_s'])}s")
+        parts.append(f"eta {duration(progress['eta_s'])}")
     return "  ".join(parts)
 
 
+def _line(*parts: Any) -> Text:
+    """One terminal line: never wraps, an ellipsis marks what did not fit."""
+    text = Text.assemble(*parts)
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
+# one-shot commands --------------------------------------------------------------
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(title="Jobs", expand=True)
     for col in ("id", "name", "state", "stage", "progress", "updated"):
@@ -44,29 +125,150 @@ def job_panel(job: dict[str, Any]) -> Panel:
         stages.add_column(col, overflow="fold")
     for s in job["stages"]:
         result = s.get("error") or s.get("message") or ", ".join(
-            f"{k}={v}" for k, v in list((s.get("summary") or {}).items())[:4])
+            f"{k}={number(v)}" for k, v in numeric_items(s.get("summary"), 4))
         stages.add_row(s["name"], state_text(s["state"]), s.get("started_at") or "-", s.get("ended_at") or "-",
                        str(result))
     head = Text.assemble(("state ", "bold"), state_text(job["state"]), f"   datasets {len(job['datasets'])}",
-                         f"   base {job.get('base_model')}")
+                         f"   base {job.get('base_model')}", f"   device {job.get('device') or '-'}")
     parts: list[Any] = [head, stages]
     if job.get("progress"):
-        parts.append(Text(progress_text(job["progress"])))
+        parts.append(progress_line(job["progress"], 60))
     if job.get("error"):
         parts.append(Text(job["error"], style="red"))
     return Panel(Group(*parts), title=f"{job['name']} ({job['id']})")
 
 
 def status_panel(view: dict[str, Any]) -> Panel:
-    d = view["daemon"]
-    lines = [Text.assemble(("daemon ", "bold"),
-                           (f"running (pid {d['pid']})" if d["alive"] else "not running",
-                            "green" if d["alive"] else "yellow")),
-             Text(f"home {view['home']}"),
-             Text(f"datasets {view['datasets']}   jobs "
-                  + (", ".join(f"{k} {v}" for k, v in sorted(view["jobs"].items())) or "none"))]
+    """``trainbox status``: daemon health, job counts, inbox, rejected files, recent events."""
+    parts: list[RenderableType] = [daemon_line(view), home_line(view, 200), counts_line(view)]
     if view["inbox_pending"]:
-        lines.append(Text(f"inbox: {len(view['inbox_pending'])} file(s) waiting"))
-    for r in view["rejected"][:10]:
-        lines.append(Text(f"rejected {r['file']}: {r['reason']}", style="red"))
-    return Panel(Group(*lines), title="trainbox")
+        parts.append(Text(f"inbox: {len(view['inbox_pending'])} file(s) waiting: "
+                          + ", ".join(view["inbox_pending"][:5])))
+    if view["rejected"]:
+        parts += [Text(f"rejected files ({len(view['rejected'])})", style="bold"), rejected_table(view["rejected"], 10)]
+    if view.get("events"):
+        parts += [Text("recent events", style="bold"), events_table(view["events"], 10)]
+    return Panel(Group(*parts), title="trainbox")
+
+
+# pieces of the status and live views ------------------------------------------------
+def daemon_line(view: dict[str, Any]) -> Text:
+    d = view["daemon"]
+    if not d["alive"]:
+        return _line(("daemon ", "bold"), ("not running", "yellow"), "  start it with: trainbox run")
+    parts: list[Any] = [("daemon ", "bold"), (f"running pid {d['pid']}", "green")]
+    up = age_of(d.get("started_at"))
+    if up is not None:
+        parts.append(f"  up {duration(up)}")
+    if d.get("heartbeat_age_s") is not None:
+        stale = d["heartbeat_age_s"] > 30
+        parts.append((f"  beat {duration(d['heartbeat_age_s'])} ago", "red" if stale else "dim"))
+    return _line(*parts)
+
+
+def home_line(view: dict[str, Any], width: int) -> Text:
+    """``home PATH  watching inbox/``; a long path keeps its end (the part that tells homes apart)."""
+    watching = "  watching inbox/" if view["daemon"].get("watching") else ""
+    room = max(width - len("home ") - len(watching), 8)
+    home = view["home"] if len(view["home"]) <= room else "…" + view["home"][-(room - 1):]
+    return _line(("home ", "bold"), home, watching)
+
+
+def counts_line(view: dict[str, Any]) -> Text:
+    counts = view["jobs"]
+    parts: list[Any] = [("jobs ", "bold")]
+    for state in STATE_ORDER:
+        if counts.get(state):
+            parts += [(f"{state} {counts[state]}", STATE_STYLE[state]), "  "]
+    if len(parts) == 1:
+        parts.append("none  ")
+    parts.append(f"datasets {view['datasets']}")
+    return _line(*parts)
+
+
+def queue_line(jobs: list[dict[str, Any]]) -> Text:
+    """Jobs waiting their turn, oldest first."""
+    waiting = [j for j in jobs if j["state"] in ("queued", "waiting", "interrupted")]
+    if not waiting:
+        return _line(("queue ", "bold"), ("empty", "dim"))
+    parts: list[Any] = [("queue ", "bold")]
+    for j in waiting:
+        parts += [f"{j['name']} ", (f"({j['state']})", STATE_STYLE[j["state"]]), "  "]
+    return _line(*parts)
+
+
+def progress_line(progress: dict[str, Any], width: int) -> Table:
+    """Bar plus step / total, percent, ETA and tokens/s on one line."""
+    step, total = progress.get("step") or 0, progress.get("total_steps")
+    facts = [f"{step}/{total or '?'}"]
+    if total:
+        facts.append(f"{100 * step / total:.0f}%")
+    if progress.get("eta_s") is not None:
+        facts.append(f"eta {duration(progress['eta_s'])}")
+    if progress.get("tokens_per_s") is not None:
+        facts.append(f"{progress['tokens_per_s']:.0f} tok/s")
+    label = "  ".join(facts)
+    grid = Table.grid(padding=(0, 1))
+    bar_width = max(width - len(label) - 1, 0)
+    if bar_width >= 8:
+        grid.add_column(width=bar_width)
+        grid.add_column(no_wrap=True)
+        grid.add_row(ProgressBar(total=total or 1, completed=step if total else 0, width=bar_width), label)
+    else:
+        grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_row(label)
+    return grid
+
+
+def running_job(job: dict[str, Any], live: dict[str, Any], width: int) -> Group:
+    """One running job: name and stage, progress bar, loss sparkline, eval numbers (4 lines at most)."""
+    stage_names = [s["name"] for s in job["stages"]]
+    stage = job.get("stage") or "-"
+    pos = f" {stage_names.index(stage) + 1}/{len(stage_names)}" if stage in stage_names else ""
+    lines: list[RenderableType] = [_line((job["name"], "bold"), f"  {stage}{pos}",
+                                         (f"  {job.get('device') or ''}", "dim"), (f"  {job['id']}", "dim"))]
+    progress = live.get("progress") or job.get("progress")
+    if progress and progress.get("step") is not None:
+        lines.append(progress_line(progress, width))
+    losses = live.get("losses") or []
+    if losses:
+        label = f" {losses[-1]:.4f} (min {min(losses):.4f})"
+        lines.append(_line(("loss ", "bold"), (sparkline(losses, max(width - 5 - len(label), 4)), "cyan"), label))
+    evals = live.get("eval") or []
+    if evals:
+        lines.append(_line(("eval ", "bold"), "  ".join(f"{k} {number(v)}" for k, v in evals)))
+    return Group(*lines)
+
+
+def gpu_lines(gpus: list[dict[str, Any]]) -> list[Text]:
+    if not gpus:
+        return [_line(("gpu ", "bold"), ("no GPU", "dim"))]
+    out = []
+    for g in gpus:
+        hot = (g.get("temperature_c") or 0) >= 80
+        out.append(_line((f"gpu{g['index']} ", "bold"), f"{g['name']}  util {g['utilization_percent']}%  "
+                         f"mem {g['memory_used_mib'] / 1024:.1f}/{g['memory_total_mib'] / 1024:.1f} GiB  ",
+                         (f"{g['temperature_c']}C", "red" if hot else "")))
+    return out
+
+
+def events_table(events: list[dict[str, Any]], limit: int) -> Table:
+    """Newest events last (like a log), at most ``limit`` rows."""
+    table = Table.grid(padding=(0, 1), expand=True)
+    table.add_column(no_wrap=True, style="dim")
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
+    for e in events[-limit:] if limit > 0 else []:
+        style = "red" if any(w in e.get("kind", "") for w in ("fail", "reject", "warning")) else ""
+        table.add_row(clock(e.get("time")), e.get("kind", "?"), Text(str(e.get("message", "")), style=style))
+    return table
+
+
+def rejected_table(rejected: list[dict[str, Any]], limit: int) -> Table:
+    table = Table.grid(padding=(0, 1), expand=True)
+    table.add_column(no_wrap=True, style="red")
+    table.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
+    for r in rejected[:limit] if limit > 0 else []:
+        reason = r["reason"][len(r["file"]) + 2:] if r["reason"].startswith(f"{r['file']}: ") else r["reason"]
+        table.add_row(r["file"], reason)
+    return table
