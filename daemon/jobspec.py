@@ -114,6 +114,8 @@ class TrainSpec(Strict):
 class WinnerRule(Strict):
     alpha: float = Field(0.05, gt=0, lt=1)
     critical_recall_may_drop: bool = False
+    against: Literal["base", "previous"] = Field(
+        "base", description="Reference model; 'previous' falls back to base when there is no previous version.")
 
 
 class EvaluateSpec(Strict):

@@ -1,0 +1,112 @@
+"""Paired A/B statistics on one test split: exact McNemar, bootstrap CIs, latency change, the winner rule."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.stats import binomtest, wilcoxon
+from sklearn.metrics import accuracy_score
+
+from handlers.evaluate.metrics import UNPARSEABLE, macro_f1
+
+NO_REFERENCE = "no reference model was evaluated (evaluate.compare_base is false and there is no previous version)"
+
+
+def choose_reference(comparisons: dict[str, Any], against: str) -> str | None:
+    """The model the winner rule compares with: ``against`` when evaluated, else base, else previous."""
+    for name in (against, "base", "previous"):
+        if name in comparisons:
+            return name
+    return None
+
+
+def mcnemar_exact(correct_ref: Sequence[bool], correct_new: Sequence[bool]) -> dict[str, Any]:
+    """Exact (binomial) McNemar test on the discordant pairs; ``table`` is [[both, ref only], [new only, neither]]."""
+    ref = np.asarray(correct_ref, dtype=bool)
+    new = np.asarray(correct_new, dtype=bool)
+    both, ref_only = int((ref & new).sum()), int((ref & ~new).sum())
+    new_only, neither = int((~ref & new).sum()), int((~ref & ~new).sum())
+    discordant = ref_only + new_only
+    p_value = binomtest(new_only, discordant, 0.5).pvalue if discordant else 1.0
+    return {"table": [[both, ref_only], [new_only, neither]], "ref_only": ref_only, "new_only": new_only,
+            "p_value": float(p_value)}
+
+
+def bootstrap_differences(y_true: Sequence[str], pred_ref: Sequence[str], pred_new: Sequence[str],
+                          labels: list[str], samples: int, seed: int) -> dict[str, dict[str, float]]:
+    """Paired percentile bootstrap 95% CIs of new - ref for accuracy and macro-F1 (same resampled rows)."""
+    y = np.asarray(y_true, dtype=object)
+    ref = np.asarray([p if p is not None else UNPARSEABLE for p in pred_ref], dtype=object)
+    new = np.asarray([p if p is not None else UNPARSEABLE for p in pred_new], dtype=object)
+    rng = np.random.default_rng(seed)
+    acc_diff, f1_diff = np.empty(samples), np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, len(y), len(y))
+        acc_diff[i] = accuracy_score(y[idx], new[idx]) - accuracy_score(y[idx], ref[idx])
+        f1_diff[i] = macro_f1(y[idx], new[idx], labels) - macro_f1(y[idx], ref[idx], labels)
+    point_acc = accuracy_score(y, new) - accuracy_score(y, ref)
+    point_f1 = macro_f1(y, new, labels) - macro_f1(y, ref, labels)
+    return {name: {"estimate": float(point), "ci_low": float(np.percentile(draws, 2.5)),
+                   "ci_high": float(np.percentile(draws, 97.5))}
+            for name, point, draws in (("accuracy_diff", point_acc, acc_diff), ("macro_f1_diff", point_f1, f1_diff))}
+
+
+def relative_change(new: float | None, ref: float | None) -> float | None:
+    if new is None or ref is None or ref == 0:
+        return None
+    return (new - ref) / ref * 100.0
+
+
+def compare_classifiers(y_true: Sequence[str], ref: dict[str, Any], new: dict[str, Any], labels: list[str],
+                        samples: int, seed: int) -> dict[str, Any]:
+    """Paired comparison of two evaluated models (dicts with ``pred``, ``metrics``, ``latency``)."""
+    correct_ref = [p == t for p, t in zip(ref["pred"], y_true)]
+    correct_new = [p == t for p, t in zip(new["pred"], y_true)]
+    return {
+        "mcnemar": mcnemar_exact(correct_ref, correct_new),
+        "bootstrap": bootstrap_differences(y_true, ref["pred"], new["pred"], labels, samples, seed),
+        "accuracy": {"ref": ref["metrics"]["accuracy"], "new": new["metrics"]["accuracy"]},
+        "macro_f1": {"ref": ref["metrics"]["macro_f1"], "new": new["metrics"]["macro_f1"]},
+        "critical_recall": {"ref": ref["metrics"]["critical_recall"], "new": new["metrics"]["critical_recall"]},
+        "latency_p50_change_pct": relative_change(new["latency"]["latency_p50_ms"], ref["latency"]["latency_p50_ms"]),
+        "examples_per_s_change_pct": relative_change(new["latency"]["examples_per_s"],
+                                                     ref["latency"]["examples_per_s"]),
+    }
+
+
+def compare_losses(ref_losses: Sequence[float], new_losses: Sequence[float]) -> dict[str, Any]:
+    """Paired Wilcoxon signed-rank test on per-example eval losses (generation datasets)."""
+    ref, new = np.asarray(ref_losses, dtype=float), np.asarray(new_losses, dtype=float)
+    differs = not np.allclose(ref, new)
+    p_value = float(wilcoxon(new, ref).pvalue) if differs and len(ref) > 1 else 1.0
+    return {"wilcoxon_p_value": p_value, "mean_loss": {"ref": float(ref.mean()), "new": float(new.mean())},
+            "new_better_fraction": float((new < ref).mean())}
+
+
+def decide_winner(comparison: dict[str, Any], alpha: float, critical_recall_may_drop: bool,
+                  critical_label: str | None) -> tuple[bool, str]:
+    """The winner rule: a significant accuracy gain, and the critical label's recall does not drop."""
+    p = comparison["mcnemar"]["p_value"]
+    gain = comparison["accuracy"]["new"] - comparison["accuracy"]["ref"]
+    if gain <= 0:
+        return False, f"accuracy did not improve ({comparison['accuracy']['ref']:.3f} -> " \
+                      f"{comparison['accuracy']['new']:.3f})"
+    if p >= alpha:
+        return False, f"accuracy gain {gain:+.3f} is not significant (McNemar p={p:.3g} >= alpha {alpha})"
+    recall = comparison["critical_recall"]
+    if recall["ref"] is not None and recall["new"] is not None and recall["new"] < recall["ref"]:
+        if not critical_recall_may_drop:
+            return False, f"recall of {critical_label} dropped ({recall['ref']:.3f} -> {recall['new']:.3f})"
+    return True, f"accuracy gain {gain:+.3f} is significant (McNemar p={p:.3g} < {alpha})" + (
+        f" and recall of {critical_label} did not drop" if recall["ref"] is not None else "")
+
+
+def decide_loss_winner(comparison: dict[str, Any], alpha: float) -> tuple[bool, str]:
+    """Generation datasets: lower mean eval loss, significant by the paired Wilcoxon test."""
+    ref, new = comparison["mean_loss"]["ref"], comparison["mean_loss"]["new"]
+    p = comparison["wilcoxon_p_value"]
+    if new >= ref:
+        return False, f"eval loss did not improve ({ref:.4f} -> {new:.4f})"
+    if p >= alpha:
+        return False, f"eval loss {ref:.4f} -> {new:.4f} is not significant (Wilcoxon p={p:.3g} >= {alpha})"
+    return True, f"eval loss {ref:.4f} -> {new:.4f}, significant (Wilcoxon p={p:.3g} < {alpha})"

@@ -1,0 +1,127 @@
+"""Classification evaluation: score every model on the test split, calibrate the tuned one, A/B them."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from daemon.formats import Example
+from handlers.evaluate import abtest, calibration, scoring
+from handlers.evaluate.metrics import classification_metrics, latency_stats
+from handlers.evaluate.models import BASE, PREVIOUS, TUNED, EvalModels
+from handlers.modelio import prompt_text
+
+log = logging.getLogger(__name__)
+LATENCY_EXAMPLES = 50  # single-example timings behind p50/p95; enough for stable percentiles
+SHOWN_UNPARSEABLE = 50
+
+
+def _prompts(tokenizer: Any, examples: Sequence[Example]) -> list[str]:
+    return [prompt_text(tokenizer, [{"role": "user", "content": ex.text or ""},
+                                    {"role": "assistant", "content": ""}]) for ex in examples]
+
+
+def _likelihood(ctx: Any, model: Any, models: EvalModels, cands: scoring.Candidates, variant: str,
+                lat_idx: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+    spec, pad = ctx.job.evaluate, models.tokenizer.pad_token_id
+    progress = lambda done, total: ctx.report_progress(phase=f"scoring {variant}", step=done,  # noqa: E731
+                                                       total_steps=total)
+    start = time.perf_counter()
+    logits = scoring.label_logits(model, cands, spec.batch_size, pad, models.device, progress, ctx.should_stop)
+    seconds = time.perf_counter() - start
+    latencies = scoring.single_example_latencies(model, cands, lat_idx, pad, models.device)
+    return logits, latency_stats(latencies, cands.n_examples, seconds)
+
+
+def _generation(ctx: Any, model: Any, models: EvalModels, test: Sequence[Example], labels: list[str],
+                lat_idx: list[int]) -> dict[str, Any]:
+    spec = ctx.job.evaluate
+    prompts = _prompts(models.tokenizer, test)
+    ctx.report_progress(force=True, phase="generating")
+    start = time.perf_counter()
+    outputs = scoring.generate(model, models.tokenizer, prompts, spec.max_new_tokens, spec.batch_size,
+                               models.device, ctx.should_stop)
+    seconds = time.perf_counter() - start
+    latencies = []
+    for i in lat_idx:
+        t0 = time.perf_counter()
+        scoring.generate(model, models.tokenizer, [prompts[i]], spec.max_new_tokens, 1, models.device)
+        latencies.append(time.perf_counter() - t0)
+    pred = [scoring.parse_final(o, labels) for o in outputs]
+    unparseable = [{"id": ex.id, "text": (ex.text or "")[:300], "label": ex.label, "output": out[:500]}
+                   for ex, out, p in zip(test, outputs, pred) if p is None]
+    return {"pred": pred, "outputs": outputs, "latency": latency_stats(latencies, len(test), seconds),
+            "unparseable": unparseable[:SHOWN_UNPARSEABLE], "unparseable_count": len(unparseable)}
+
+
+def _evaluate_variant(ctx: Any, models: EvalModels, variant: str, test: Sequence[Example], labels: list[str],
+                      cands: scoring.Candidates | None, lat_idx: list[int]) -> dict[str, Any]:
+    spec = ctx.job.evaluate
+    y = [ex.label for ex in test]
+    out: dict[str, Any] = {}
+    log.info("evaluating %s model on %d test examples (mode %s)", variant, len(test), spec.mode)
+    with models.use(variant) as model:
+        if cands is not None:
+            logits, latency = _likelihood(ctx, model, models, cands, variant, lat_idx)
+            probs = calibration.probabilities(logits)
+            out.update(logits=logits, probs=probs, pred=[labels[i] for i in probs.argmax(axis=1)], latency=latency)
+        if spec.mode in ("generate", "both"):
+            gen = _generation(ctx, model, models, test, labels, lat_idx)
+            gen["metrics"] = classification_metrics(y, gen["pred"], labels, spec.critical_label)
+            out["generation"] = gen
+            if spec.mode == "generate":
+                out.update(pred=gen["pred"], latency=gen["latency"])
+    out["metrics"] = classification_metrics(y, out["pred"], labels, spec.critical_label)
+    if "probs" in out:
+        out["metrics"]["ece"] = calibration.expected_calibration_error(
+            out["probs"], np.asarray([labels.index(t) for t in y]))
+    out["metrics"].update(out["latency"])
+    return out
+
+
+def evaluate_classification(ctx: Any, models: EvalModels, test: Sequence[Example], val: Sequence[Example],
+                            labels: list[str]) -> dict[str, Any]:
+    """Per-model metrics, the tuned model's calibration, A/B comparisons and the winner verdict."""
+    spec = ctx.job.evaluate
+    max_len = ctx.job.train.max_seq_length
+    likelihood = spec.mode in ("likelihood", "both")
+    unknown = sorted({ex.label for ex in test} - set(labels))
+    if unknown:
+        labels = sorted(set(labels) | set(unknown))
+    cands = scoring.encode_candidates(models.tokenizer, test, labels, max_len) if likelihood else None
+    lat_idx = list(range(min(LATENCY_EXAMPLES, len(test))))
+    per_model = {v: _evaluate_variant(ctx, models, v, test, labels, cands, lat_idx) for v in models.variants}
+    y = [ex.label for ex in test]
+    y_idx = np.asarray([labels.index(t) for t in y])
+
+    calib = None
+    if likelihood:
+        val = [ex for ex in val if ex.label in labels]
+        val_logits, val_idx = None, None
+        if val:
+            with models.use(TUNED) as model:
+                val_cands = scoring.encode_candidates(models.tokenizer, val, labels, max_len)
+                val_logits = scoring.label_logits(model, val_cands, spec.batch_size, models.tokenizer.pad_token_id,
+                                                  models.device, None, ctx.should_stop)
+            val_idx = np.asarray([labels.index(ex.label) for ex in val])
+        else:
+            log.warning("the validation split is empty: temperature scaling is skipped (T = 1)")
+        calib = calibration.calibration_report(per_model[TUNED]["logits"], y_idx, val_logits, val_idx, len(labels))
+
+    comparisons = {ref: abtest.compare_classifiers(y, per_model[ref], per_model[TUNED], labels,
+                                                   spec.bootstrap_samples, ctx.job.seed)
+                   for ref in (BASE, PREVIOUS) if ref in per_model}
+    rule = spec.winner_rule
+    reference = abtest.choose_reference(comparisons, rule.against)
+    if reference is None:
+        winner, reason = None, abtest.NO_REFERENCE
+    else:
+        winner, reason = abtest.decide_winner(comparisons[reference], rule.alpha, rule.critical_recall_may_drop,
+                                              spec.critical_label)
+        reason = f"against the {reference} model: {reason}"
+    log.info("winner: %s (%s)", winner, reason)
+    return {"task": "classification", "labels": labels, "y_true": y, "ids": [ex.id for ex in test],
+            "models": per_model, "calibration": calib, "comparisons": comparisons, "winner": winner,
+            "winner_reason": reason, "reference": reference, "skipped": models.skipped}

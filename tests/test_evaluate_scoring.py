@@ -1,0 +1,71 @@
+"""Label log-likelihood scoring on the real tiny model: batched equals one at a time and equals a hand sum."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.formats import Example
+from handlers import modelio
+from handlers.evaluate import scoring
+
+LABELS = ["ALLOW", "DENY", "ESCALATION", "REFUSE"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = modelio.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    model = modelio.load_causal_lm(folder)
+    model.eval()
+    return modelio.load_tokenizer(folder), model
+
+
+def _examples(n: int) -> list[Example]:
+    rows = []
+    for i in range(n):
+        think = {"task": "t", "safety": "s", "policy": "p"} if i % 3 == 0 else None
+        rows.append(Example(id=str(i), format="classification", text="help me please " * (1 + i % 7),
+                            label=LABELS[i % 4], think=think))
+    return rows
+
+
+def test_continuations_are_the_label_and_its_end_of_turn(tiny):
+    tokenizer, _ = tiny
+    cands = scoring.encode_candidates(tokenizer, _examples(2), LABELS, 1024)
+    tail = tokenizer.decode(cands.ids[4 + 1][-cands.cont[4 + 1]:])  # example 1 (no think), label DENY
+    assert tail == "DENY<|end|>"
+    tail = tokenizer.decode(cands.ids[3][-cands.cont[3]:])  # example 0 (think row), label REFUSE
+    assert tail == "<final>REFUSE</final><|end|>"
+
+
+def test_batched_scores_equal_single_sequence_scores_and_a_hand_sum(tiny):
+    tokenizer, model = tiny
+    cands = scoring.encode_candidates(tokenizer, _examples(12), LABELS, 1024)
+    batched = scoring.label_logits(model, cands, batch_size=5, pad_id=tokenizer.pad_token_id, device="cpu")
+    single = np.array([scoring._forward_batch(model, [ids], [c], tokenizer.pad_token_id, "cpu")[0]
+                       for ids, c in zip(cands.ids, cands.cont)]).reshape(12, 4)
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+    ids, n = cands.ids[7], cands.cont[7]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    by_hand = sum(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]].item() for i in range(n))
+    assert batched[1, 3] == pytest.approx(by_hand, abs=1e-4)
+    assert len(scoring.single_example_latencies(model, cands, [0, 1, 2], tokenizer.pad_token_id, "cpu")) == 3
+
+
+def test_long_prompts_keep_their_continuation(tiny):
+    tokenizer, model = tiny
+    long = [Example(id="x", format="classification", text="word " * 400, label="ALLOW")]
+    cands = scoring.encode_candidates(tokenizer, long, LABELS, 64)
+    assert cands.truncated == 4 and all(len(ids) == 64 for ids in cands.ids)
+    assert tokenizer.decode(cands.ids[1][-cands.cont[1]:]) == "DENY<|end|>"
+    assert np.isfinite(scoring.label_logits(model, cands, 4, tokenizer.pad_token_id, "cpu")).all()
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    tokenizer, model = tiny
+    prompts = [modelio.prompt_text(tokenizer, [{"role": "user", "content": "hi " * k},
+                                               {"role": "assistant", "content": ""}]) for k in (1, 5, 9)]
+    batched = scoring.generate(model, tokenizer, prompts, 8, 3, "cpu")
+    single = [scoring.generate(model, tokenizer, [p], 8, 1, "cpu")[0] for p in prompts]
+    assert batched == single and all(isinstance(t, str) for t in batched)
