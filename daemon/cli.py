@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "daemon.registry",
     "daemon.notify.cli",
     "daemon.top",
+    "daemon.service",
 ]
 EXIT_OK, EXIT_USAGE = 0, 2
 
