@@ -35,11 +35,11 @@ def _alsa_has_card() -> bool:
 
 
 def _linux_player(settings: NotifyBackendSettings) -> list[str] | None:
-    """The command that plays a wav here, or None. A configured ``audio_device`` is trusted as given."""
+    """The command that plays a wav here, or None. A configured ALSA ``audio_device`` is trusted as given."""
     device = settings.audio_device
-    if shutil.which("paplay") and (device or _pulse_running()):
+    if shutil.which("paplay") and _pulse_running():  # PulseAudio or PipeWire: the device is a sink name
         return ["paplay"] + ([f"--device={device}"] if device else [])
-    if shutil.which("aplay") and (device or _alsa_has_card()):
+    if shutil.which("aplay") and (device or _alsa_has_card()):  # plain ALSA: the device is a PCM name
         return ["aplay", "-q"] + (["-D", device] if device else [])
     return None
 
