@@ -78,3 +78,24 @@ def job_view(doc: dict[str, Any]) -> dict[str, Any]:
         "device": doc.get("device"),
         "model": doc.get("model"),
     }
+
+
+def job_outcome(doc: dict[str, Any]) -> str:
+    """One line saying what a finished job achieved, for the log and the notification."""
+    parts = []
+    for stage in doc["stages"]:
+        s = stage.get("summary") or {}
+        if stage["name"] == "train" and s.get("final_loss") is not None:
+            parts.append(f"train loss {s['final_loss']:.4f} after {s.get('total_steps')} steps")
+        elif stage["name"] == "evaluate" and s.get("accuracy") is not None:
+            line = f"held-out accuracy {s['accuracy']:.3f}, macro-F1 {s.get('macro_f1', 0):.3f}"
+            if s.get("base_accuracy") is not None:
+                line += f" (base model {s['base_accuracy']:.3f}, McNemar p={s.get('p_value', float('nan')):.3g})"
+            parts.append(line)
+        elif stage["name"] == "evaluate" and s.get("perplexity") is not None:
+            parts.append(f"perplexity {s['perplexity']:.2f}")
+        elif stage["name"] == "export" and stage["state"] == "skipped":
+            parts.append(f"export skipped: {stage.get('message')}")
+        elif stage["name"] == "export" and stage.get("artifacts", {}).get("model_dir"):
+            parts.append(f"model in {stage['artifacts']['model_dir']}")
+    return "; ".join(parts)

@@ -19,6 +19,7 @@ from daemon.children import (describe_exit, is_stage_process, log_tail, send_sto
 from daemon.config import DaemonSettings
 from daemon.control import cancel_idle_job
 from daemon.fsio import move_durably, read_json, write_json_atomically
+from daemon.jobs import job_outcome
 from daemon.layout import Layout
 from daemon.store import Q, Store, utcnow
 from handlers.context import EXIT_INTERRUPTED, EVENTS_FILE, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE
@@ -263,12 +264,13 @@ class Supervisor:
     # job ends -------------------------------------------------------------
     def _finish(self, job_id: str, state: str, error: str | None = None) -> None:
         job = self.store.update_job(job_id, {"state": state, "error": error, "pid": None})
-        self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}", job_id=job_id)
+        detail = error.splitlines()[0] if error else (job_outcome(job) if state == "succeeded" else "")
+        self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}" + (f": {detail}" if detail else ""),
+                             job_id=job_id)
         if state in job["spec"]["notify"]["on"]:
-            first_line = (error or "").splitlines()[0] if error else ""
-            self.notify(f"job_{state}", f"trainbox: {job['name']} {state}", first_line or job_id, job_id=job_id)
+            self.notify(f"job_{state}", f"{job['name']} {state}", detail or job_id, job_id=job_id)
         log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
-                f": {error}" if error else "")
+                f": {error or detail}" if (error or detail) else "")
 
     def _check_waiting(self) -> None:
         limit = self.settings.notify.waiting_too_long_seconds

@@ -163,3 +163,40 @@ def test_writer_that_started_before_the_daemon_is_waited_for(home: Path, daemon_
         fh.write(' row"}\n')
     ds = wait_for(lambda: read_store(home).all_datasets(), 10, "file ingested after close")
     assert ds[0]["rows"] == 2
+
+
+TRAIN_JOB = """name: stoppable
+datasets: [safety]
+stages: [prepare, train]
+train:
+  max_steps: 40
+  batch_size: 2
+  max_seq_length: 64
+  learning_rate: 0.01
+  checkpoint: {interval_seconds: 0.5, keep: 2}
+  progress_log: {interval_seconds: 1}
+"""
+
+
+def test_sigterm_while_a_stage_runs_interrupts_and_a_restart_completes(home: Path, daemon_factory) -> None:
+    d = daemon_factory().wait_ready()
+    drop(home / "inbox", "safety.jsonl", (FIXTURES / "safety_think.jsonl").read_text())
+    drop(home / "inbox", "job.yaml", TRAIN_JOB)
+
+    def training() -> bool:
+        jobs = jobs_json(home)
+        return bool(jobs) and jobs[0]["stage"] == "train" and (jobs[0]["progress"] or {}).get("step", 0) >= 3
+    wait_for(training, 120, "training under way")
+    d.signal(signal.SIGTERM)
+    assert d.stop() == 0
+    (job,) = jobs_json(home)
+    assert job["state"] == "interrupted" and job["stages"][1]["state"] == "interrupted"
+    stage_log = (home / "jobs" / job["id"] / "train" / "stage.log").read_text()
+    assert "signal 15: stopping after the current step" in stage_log, "the child itself got the signal"
+    assert job["progress"]["step"] < 40
+
+    daemon_factory("--once").proc.wait(timeout=300)
+    (job,) = jobs_json(home)
+    assert job["state"] == "succeeded", job["error"]
+    train = job["stages"][1]["summary"]
+    assert train["total_steps"] == 40 and train["resumed_from_step"] >= 3
