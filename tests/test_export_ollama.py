@@ -1,0 +1,83 @@
+"""Modelfile per chat-template family: the TEMPLATE rebuilds exactly what the chat template renders."""
+from __future__ import annotations
+
+import pytest
+
+import export_fixtures as F
+from handlers import modelio
+from handlers.export import ollama
+
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+          "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+ZEPHYR = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
+          "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}"
+          "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+CASES = {  # name -> (template, family, has system, stops)
+    "chatml": (F.CHATML_TEMPLATE, "chatml", True, ["<|end|>", "<|im_end|>", "<|im_start|>user"]),
+    "llama3": (LLAMA3, "llama3", True, ["<|end|>", "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>"]),
+    "phi3": (modelio.TINY_CHAT_TEMPLATE, "phi3", True, ["<|end|>", "<|user|>"]),
+    "mistral": (MISTRAL, "mistral", False, ["<|end|>", "[INST]", "[/INST]"]),
+    "zephyr": (ZEPHYR, "phi3", True, ["<|end|>", "<|user|>"]),
+    "trainbox-default": (None, "trainbox-default", True, ["<|end|>", "### User:"]),
+}
+CONVO = [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes."},
+         {"role": "user", "content": "Why?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return modelio.load_tokenizer(modelio.build_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+def _translate(tokenizer, template):
+    tokenizer.chat_template = template
+    return ollama.translate(lambda m, g: modelio.render_chat(tokenizer, m, add_generation_prompt=g), template,
+                            tokenizer.bos_token, add_bos=False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_template_rebuilds_the_chat_template(tokenizer, case):
+    template, family, has_system, stops = CASES[case]
+    t = _translate(tokenizer, template)
+    assert t.family == family
+    assert t.render(CONVO) == modelio.render_chat(tokenizer, CONVO, add_generation_prompt=True)
+    assert (t.system is not None) is has_system
+    if has_system:
+        convo = [{"role": "system", "content": "Be brief."}, *CONVO]
+        assert t.render(convo) == modelio.render_chat(tokenizer, convo, add_generation_prompt=True)
+    else:
+        assert t.warnings and "SYSTEM is left out" in t.warnings[0]
+    assert t.stops(tokenizer.eos_token) == stops
+
+
+def test_chatml_modelfile_text(tokenizer):
+    t = _translate(tokenizer, F.CHATML_TEMPLATE)
+    text = ollama.modelfile_text("m-q8_0.gguf", t, "<|im_end|>", "You are terse.")
+    assert text == (
+        "FROM ./m-q8_0.gguf\n"
+        'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+        '{{ range .Messages }}{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}'
+        '<|im_start|>assistant\n"""\n'
+        'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>user"\n'
+        'SYSTEM """You are terse."""\n')
+
+
+def test_bos_is_written_only_when_llama_cpp_does_not_add_it(tokenizer):
+    tokenizer.chat_template = modelio.TINY_CHAT_TEMPLATE
+    render = lambda m, g: modelio.render_chat(tokenizer, m, add_generation_prompt=g)  # noqa: E731
+    assert ollama.translate(render, modelio.TINY_CHAT_TEMPLATE, "<|bos|>", add_bos=False).go_template().startswith(
+        "<|bos|>{{ if .System }}")
+    assert ollama.translate(render, modelio.TINY_CHAT_TEMPLATE, "<|bos|>", add_bos=True).go_template().startswith(
+        "{{ if .System }}")
+
+
+def test_no_system_line_when_the_template_cannot_hold_one(tokenizer):
+    t = _translate(tokenizer, MISTRAL)
+    assert "SYSTEM" not in ollama.modelfile_text("m.gguf", t, "</s>", "You are terse.")

@@ -1,0 +1,86 @@
+"""The export stage end to end: a real child process exports builtin:tiny + a LoRA adapter."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import export_fixtures as F
+from daemon.errors import StageFailed
+from daemon.jobspec import ExportSpec
+from handlers import export, modelio
+from handlers.export.support import SUPPORTED_ARCHITECTURES, check_export_requirements
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_child_process_exports_builtin_tiny(tmp_path):
+    base = modelio.resolve_base_model("builtin:tiny", tmp_path)
+    ctx = F.export_context(tmp_path, Path(base), model={"name": "tiny-job", "version": 3})
+    proc = subprocess.run([sys.executable, "-m", "handlers", "export", str(ctx.stage_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((ctx.stage_dir / "result.json").read_text())
+    assert result["state"] == "succeeded"
+    model_dir = ctx.stage_dir / "model"
+    rel = result["model"]["artifacts"]
+    for name in ("merged", "adapter", "gguf_f16", "gguf_q8_0", "modelfile", "verification", "model_card"):
+        assert (model_dir / rel[name]).exists(), name
+        assert (ctx.stage_dir / result["artifacts"][name]).exists(), name
+    assert result["artifacts"]["model_dir"] == "model"
+    gguf = result["summary"]["gguf"]
+    assert gguf["f16"]["top1_agreement"] == 1.0  # q8_0 may flip a near-tie of a random model: >= 0.5 is enforced
+    assert gguf["q8_0"]["top1_agreement"] >= 0.5 and gguf["q8_0"]["size_bytes"] < 0.6 * gguf["f16"]["size_bytes"]
+    assert result["summary"]["gguf"]["f16"]["max_abs_diff"] < 1e-2
+    modelfile = (model_dir / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-job-q8_0.gguf\n") and str(tmp_path) not in modelfile
+    card = (model_dir / "README.md").read_text()
+    assert "# tiny-job v3" in card and "tiny-job-f16.gguf" in card and str(ctx.stage_dir) not in card
+    assert "ollama create tiny-job:v3 -f Modelfile" in card
+    assert result["summary"]["ollama_command"].endswith("ollama create tiny-job:v3 -f Modelfile")
+    events = [json.loads(line) for line in (ctx.stage_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events] == ["exported"]
+    # the merged folder is a normal HF model whose tokenizer has the chat template
+    tok = modelio.load_tokenizer(model_dir / "merged")
+    assert tok.chat_template == modelio.TINY_CHAT_TEMPLATE
+    verification = json.loads((model_dir / "verification.json").read_text())
+    assert verification["problems"] == [] and len(verification["gguf"]) == 2
+
+
+def test_only_if_winner_skips_a_loser(tmp_path):
+    base = modelio.resolve_base_model("builtin:tiny", tmp_path)
+    ctx = F.export_context(tmp_path, Path(base), export={"only_if_winner": True}, evaluate={"winner": False})
+    result = export.run(ctx)
+    assert result.skipped and "did not beat" in result.message
+    assert not (ctx.stage_dir / "model").exists()
+
+
+def test_merged_only_export(tmp_path):
+    base = modelio.resolve_base_model("builtin:tiny", tmp_path)
+    ctx = F.export_context(tmp_path, Path(base), export={"gguf": []})
+    result = export.run(ctx)
+    assert sorted(result.model["artifacts"]) == ["adapter", "merged", "model_card", "verification"]
+    assert result.model["gguf"] == [] and "modelfile" not in result.artifacts
+
+
+def test_unsupported_architecture_fails_at_validation():
+    problems = check_export_requirements({"architectures": ["GPT2LMHeadModel"]}, ExportSpec())
+    assert len(problems) == 1 and all(a in problems[0] for a in SUPPORTED_ARCHITECTURES)
+    assert check_export_requirements({"architectures": ["GPT2LMHeadModel"]}, ExportSpec(gguf=[])) == []
+    assert check_export_requirements({"model_type": "qwen2"}, ExportSpec()) == []
+    assert check_export_requirements(None, ExportSpec()) == []
+
+
+def test_unsupported_base_model_fails_the_stage(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=400)).save_pretrained(base)
+    F.bpe_tokenizer(["<|endoftext|>"], None).save_pretrained(base)
+    ctx = F.export_context(tmp_path, base)
+    with pytest.raises(StageFailed, match="supported: LlamaForCausalLM"):
+        export.run(ctx)
