@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -111,23 +112,38 @@ def _line(*parts: Any) -> Text:
 # one-shot commands --------------------------------------------------------------
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(title="Jobs", expand=True)
-    for col in ("id", "name", "state", "stage", "progress", "updated"):
+    for col in ("id", "name", "state", "stage", "progress"):
         table.add_column(col, overflow="fold")
+    table.add_column("updated", no_wrap=True)
     for job in jobs:
         table.add_row(job["id"], job["name"], state_text(job["state"]), job.get("stage") or "-",
-                      progress_text(job.get("progress")), job["updated_at"])
+                      progress_text(job.get("progress")), f"{duration(age_of(job['updated_at']))} ago")
     return table
+
+
+def short_time(iso: str | None) -> str:
+    """Local ``HH:MM:SS`` for today, ``YYYY-MM-DD HH:MM`` before."""
+    if not iso:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(iso).astimezone()
+    except ValueError:
+        return iso
+    today = datetime.now().astimezone().date()
+    return moment.strftime("%H:%M:%S" if moment.date() == today else "%Y-%m-%d %H:%M")
 
 
 def job_panel(job: dict[str, Any]) -> Panel:
     stages = Table(expand=True)
-    for col in ("stage", "state", "started", "ended", "result"):
+    for col in ("stage", "state", "started", "took", "result"):
         stages.add_column(col, overflow="fold")
     for s in job["stages"]:
         result = s.get("error") or s.get("message") or ", ".join(
             f"{k}={number(v)}" for k, v in numeric_items(s.get("summary"), 4))
-        stages.add_row(s["name"], state_text(s["state"]), s.get("started_at") or "-", s.get("ended_at") or "-",
-                       str(result))
+        took = "-"
+        if s.get("started_at"):
+            took = duration((age_of(s["started_at"]) or 0) - (age_of(s.get("ended_at")) or 0))
+        stages.add_row(s["name"], state_text(s["state"]), short_time(s.get("started_at")), took, str(result))
     head = Text.assemble(("state ", "bold"), state_text(job["state"]), f"   datasets {len(job['datasets'])}",
                          f"   base {job.get('base_model')}", f"   device {job.get('device') or '-'}")
     parts: list[Any] = [head, stages]

@@ -5,6 +5,7 @@ Imports cleanly without pywin32 (on Linux, or before ``pip install pywin32``); o
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -30,6 +31,8 @@ def run_service(home: Path, started: threading.Event | None = None) -> int:
     from daemon.cli import setup_logging
     from daemon.layout import Layout
 
+    if sys.stderr is None:  # a service has no console; the log file under logs/ is where output goes
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
     setup_logging(False, Layout(home).logs / "daemon.log")
     if started is not None:
         started.set()

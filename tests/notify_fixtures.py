@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +34,7 @@ def webhook_server():
     server.posts, server.delay_s = [], 0.0
     server.daemon_threads = True
     server.block_on_close = False
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield server
@@ -67,7 +71,7 @@ while True:
 
 
 class DesktopBus:
-    def __init__(self, address: str, server: "subprocess.Popen[str]"):
+    def __init__(self, address: str, server: subprocess.Popen[str]):
         self.address, self.server = address, server
         self.received: list[dict] = []
 
@@ -83,10 +87,6 @@ class DesktopBus:
 @pytest.fixture
 def desktop_bus(monkeypatch):
     """A private D-Bus session with a notification server; skipped where dbus-daemon or jeepney is missing."""
-    import shutil
-    import subprocess
-    import sys
-
     if not shutil.which("dbus-daemon"):
         pytest.skip("dbus-daemon is not installed (apt-get install dbus)")
     pytest.importorskip("jeepney", reason="jeepney (dev extra) is needed for the stand-in notification server")
@@ -95,7 +95,7 @@ def desktop_bus(monkeypatch):
     address = bus.stdout.readline().strip()
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
     server = subprocess.Popen([sys.executable, "-c", FAKE_NOTIFICATION_SERVER], stdout=subprocess.PIPE, text=True,
-                              env={**__import__("os").environ, "DBUS_SESSION_BUS_ADDRESS": address})
+                              env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": address})
     assert server.stdout.readline().strip() == "ready"
     yield DesktopBus(address, server)
     server.kill()

@@ -5,8 +5,8 @@ import json
 import subprocess
 import sys
 
-from daemon.doctor import Check, home_checks, notify_checks, run_checks
 from daemon.config import NotifyBackendSettings
+from daemon.doctor import Check, home_checks, notify_checks, run_checks
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -50,6 +50,6 @@ def send(note: Note, settings: NotifyBackendSettings) -> None:
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"{url} answered HTTP {exc.code} {exc.reason}: check webhook_url and "
                            f"webhook_format ({settings.webhook_format})") from None
-    except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RuntimeError(f"{url} unreachable: {reason}") from None
