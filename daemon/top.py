@@ -136,7 +136,7 @@ def render(snap: dict[str, Any], width: int, height: int | None) -> RenderableTy
     for job in running[:fit_jobs]:
         parts.append(running_job(job, snap["live"].get(job["id"], {}), width))
     if len(running) > fit_jobs:
-        parts.append(Text(f"... {len(running) - fit_jobs} more running: trainbox jobs", style="dim"))
+        parts.append(heading(f"... {len(running) - fit_jobs} more running: trainbox jobs", "dim"))
     parts.append(queue_line(jobs))
     if snap["last_eval"]:
         name, items = snap["last_eval"]
@@ -152,11 +152,15 @@ def render(snap: dict[str, Any], width: int, height: int | None) -> RenderableTy
         n_rejected = min(len(rejected), max(room - 2, 0) // 2 if events else max(room - 1, 0))
         n_events = min(len(events), max(room - (n_rejected + 1 if n_rejected else 0) - 1, 0))
     if n_events:
-        parts += [Text("events", style="bold"), events_table(events, n_events)]
+        parts += [heading("events"), events_table(events, n_events)]
     if n_rejected:
-        parts += [Text(f"rejected files ({len(rejected)}, reasons in rejected/*.error.txt)", style="bold"),
+        parts += [heading(f"rejected files ({len(rejected)}, reasons in rejected/*.error.txt)"),
                   rejected_table(rejected, n_rejected)]
     return Group(*parts)
+
+
+def heading(text: str, style: str = "bold") -> Text:
+    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
 
 
 def _frame(source: TopSource, console: Console, fixed_height: bool) -> RenderableType:

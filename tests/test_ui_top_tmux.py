@@ -44,11 +44,21 @@ class Pane:
     def __init__(self, tmux: str, command: list[str]):
         self.base = [tmux, "-L", f"trainbox-test-{os.getpid()}"]
         subprocess.run(self.base + ["new-session", "-d", "-s", "top", "-x", "80", "-y", "24",
-                                    " ".join(map(_quote, command))], check=True, cwd=REPO)
+                                    " ".join(map(_quote, command)), ";", "set-option", "-t", "top",
+                                    "remain-on-exit", "on"], check=True, cwd=REPO)
 
     def text(self) -> str:
         return subprocess.run(self.base + ["capture-pane", "-p", "-t", "top"], capture_output=True, text=True,
                               check=True).stdout
+
+    def interrupt(self) -> None:
+        subprocess.run(self.base + ["send-keys", "-t", "top", "C-c"], check=True)
+
+    def exit_status(self) -> int | None:
+        """The exit status of the pane's command once it ended (the pane is kept), else None."""
+        out = subprocess.run(self.base + ["display-message", "-p", "-t", "top", "#{pane_dead} #{pane_dead_status}"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return int(out[1]) if out and out[0] == "1" else None
 
     def close(self) -> None:
         subprocess.run(self.base + ["kill-server"], capture_output=True)
@@ -74,6 +84,9 @@ def test_top_in_tmux_against_a_running_daemon(home, daemon_factory):
         step1 = int(re.search(r"(\d+)/5000", first).group(1))
         later = wait_for(lambda: (t := pane.text()) and int(re.search(r"(\d+)/5000", t).group(1)) > step1 and t,
                          30, "the view to refresh with a later step")
+        pane.interrupt()
+        wait_for(lambda: pane.exit_status() is not None, 10, "top to exit on Ctrl-C")
+        assert pane.exit_status() == 0
     finally:
         pane.close()
         assert daemon.stop() == 0
