@@ -74,8 +74,7 @@ class Notifier:
                 if item is _STOP:
                     stopping = True
                 else:
-                    first, notes = self._pending.setdefault(item.event, (time.monotonic(), []))
-                    notes.append(item)
+                    self._pending.setdefault(item.event, (time.monotonic(), []))[1].append(item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
