@@ -101,19 +101,22 @@ if win32serviceutil is not None:
         _svc_name_ = "trainbox"
         _svc_display_name_ = "trainbox daemon"
 
+        def __init__(self, args: list[str]):
+            super().__init__(args)
+            # args[0] is the name the service was installed under (--name), which keys its stored home
+            self.home = Path(win32serviceutil.GetServiceCustomOption(args[0], HOME_OPTION) or Path.cwd())
+
         def SvcDoRun(self) -> None:  # noqa: N802 (pywin32 names)
-            home = Path(win32serviceutil.GetServiceCustomOption(self._svc_name_, HOME_OPTION) or Path.cwd())
-            servicemanager.LogInfoMsg(f"trainbox: starting on {home}")
-            code = run_service(home)
+            servicemanager.LogInfoMsg(f"trainbox: starting on {self.home}")
+            code = run_service(self.home)
             servicemanager.LogInfoMsg(f"trainbox: stopped (exit {code})")
 
         def SvcStop(self) -> None:  # noqa: N802
             from daemon.service import stop_timeout_seconds
 
-            home = Path(win32serviceutil.GetServiceCustomOption(self._svc_name_, HOME_OPTION) or Path.cwd())
             # tell the service manager how long the emergency checkpoint may take, so it does not give up early
             self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING,
-                                     waitHint=stop_timeout_seconds(load_settings(home)) * 1000)
+                                     waitHint=stop_timeout_seconds(load_settings(self.home)) * 1000)
             stop_service()
 
 
