@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 USABLE_GPU_FRACTION = 0.85  # leave room for the CUDA context, fragmentation and the allocator's cache
+MULTITHREAD_MIN_HIDDEN = 1024  # below this, intra-op threads cost more than they save (and collapse under load)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class TrainPlan:
     bits: int | None
     gradient_checkpointing: bool
     estimates: dict[str, Any]
+    cpu_threads: int = 1
 
 
 @dataclass
@@ -120,9 +122,16 @@ def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
     estimates = {"params": shape.params, "weight_gib": round(weight_bytes / GIB, 2),
                  "activation_gib": round(acts / GIB, 2),
                  "gpu_budget_gib": round(budget / GIB, 2) if budget else None}
-    log.info("plan: %s on %s, %s, gradient checkpointing %s (estimates %s)", method, device, dtype,
-             "on" if checkpointing else "off", estimates)
-    return TrainPlan(device, dtype, method, bits, checkpointing, estimates)
+    threads = available_cores() if shape.hidden >= MULTITHREAD_MIN_HIDDEN else 1
+    log.info("plan: %s on %s, %s, gradient checkpointing %s, %d CPU thread(s) (estimates %s)", method, device,
+             dtype, "on" if checkpointing else "off", threads, estimates)
+    return TrainPlan(device, dtype, method, bits, checkpointing, estimates, threads)
+
+
+def available_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def steps_per_epoch(rows: int, batch_size: int, accumulation: int) -> int:

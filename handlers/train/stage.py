@@ -36,10 +36,9 @@ CHECKPOINTS = "checkpoints"
 NON_MATH_KEYS = ("checkpoint", "progress_log", "monitor", "tensorboard", "device")
 
 
-def configure_torch(device: str) -> None:
-    """Threads for the cores we may use, and deterministic kernels (exact resume depends on them)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores))
+def configure_torch(device: str, threads: int) -> None:
+    """CPU threads from the plan, and deterministic kernels (exact resume depends on them)."""
+    torch.set_num_threads(threads)
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -95,9 +94,9 @@ def run_train(ctx: StageContext) -> StageResult:
     problems = check_train_requirements(spec, cuda_available=device.startswith("cuda"))
     if problems:
         raise StageFailed("; ".join(problems))
-    configure_torch(device)
     base = resolve_base_model(ctx.job.base_model, ctx.home)
     plan = make_plan(spec, device, base)
+    configure_torch(plan.device, plan.cpu_threads)
     seed_everything(ctx.job.seed)
 
     tokenizer = load_tokenizer(base)
