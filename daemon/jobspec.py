@@ -128,6 +128,7 @@ class EvaluateSpec(Strict):
     bootstrap_samples: int = Field(1000, ge=100)
     winner_rule: WinnerRule = WinnerRule()
     samples: int = Field(5, ge=0, description="Sample generations shown side by side in the report.")
+    latency_examples: int = Field(50, ge=1, description="Test examples timed one at a time for latency p50/p95.")
 
 
 class OllamaSpec(Strict):

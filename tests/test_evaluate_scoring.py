@@ -32,20 +32,23 @@ def _examples(n: int) -> list[Example]:
 def test_continuations_are_the_label_and_its_end_of_turn(tiny):
     tokenizer, _ = tiny
     cands = scoring.encode_candidates(tokenizer, _examples(2), LABELS, 1024)
-    tail = tokenizer.decode(cands.ids[4 + 1][-cands.cont[4 + 1]:])  # example 1 (no think), label DENY
-    assert tail == "DENY<|end|>"
-    tail = tokenizer.decode(cands.ids[3][-cands.cont[3]:])  # example 0 (think row), label REFUSE
-    assert tail == "<final>REFUSE</final><|end|>"
+    assert cands.n_examples == 2 and cands.n_labels == 4
+    assert tokenizer.decode(cands.conts[1][1]) == "DENY<|end|>"  # example 1 (no think), label DENY
+    assert tokenizer.decode(cands.conts[0][3]) == "<final>REFUSE</final><|end|>"  # a think row
+    assert tokenizer.decode(cands.prefixes[1]).endswith("<|assistant|>\n")
 
 
-def test_batched_scores_equal_single_sequence_scores_and_a_hand_sum(tiny):
+def test_shared_prompt_scores_equal_plain_full_sequence_scores_and_a_hand_sum(tiny):
     tokenizer, model = tiny
     cands = scoring.encode_candidates(tokenizer, _examples(12), LABELS, 1024)
     batched = scoring.label_logits(model, cands, batch_size=5, pad_id=tokenizer.pad_token_id, device="cpu")
-    single = np.array([scoring._forward_batch(model, [ids], [c], tokenizer.pad_token_id, "cpu")[0]
-                       for ids, c in zip(cands.ids, cands.cont)]).reshape(12, 4)
-    np.testing.assert_allclose(batched, single, atol=1e-4)
-    ids, n = cands.ids[7], cands.cont[7]
+    rows, conts = cands.sequences()
+    plain = np.array([scoring.sequence_logprob(model, [ids], [c], tokenizer.pad_token_id, "cpu")[0]
+                      for ids, c in zip(rows, conts)]).reshape(12, 4)
+    np.testing.assert_allclose(batched, plain, atol=1e-4)
+    one_at_a_time = scoring.label_logits(model, cands, batch_size=1, pad_id=tokenizer.pad_token_id, device="cpu")
+    np.testing.assert_allclose(batched, one_at_a_time, atol=1e-4)
+    ids, n = rows[7], conts[7]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     by_hand = sum(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]].item() for i in range(n))
@@ -57,8 +60,9 @@ def test_long_prompts_keep_their_continuation(tiny):
     tokenizer, model = tiny
     long = [Example(id="x", format="classification", text="word " * 400, label="ALLOW")]
     cands = scoring.encode_candidates(tokenizer, long, LABELS, 64)
-    assert cands.truncated == 4 and all(len(ids) == 64 for ids in cands.ids)
-    assert tokenizer.decode(cands.ids[1][-cands.cont[1]:]) == "DENY<|end|>"
+    assert cands.truncated == 1
+    assert max(len(cands.prefixes[0]) + len(c) for c in cands.conts[0]) == 64
+    assert tokenizer.decode(cands.conts[0][2]) == "ESCALATION<|end|>"
     assert np.isfinite(scoring.label_logits(model, cands, 4, tokenizer.pad_token_id, "cpu")).all()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from scipy.stats import binomtest, wilcoxon
 from sklearn.metrics import accuracy_score
 
-from handlers.evaluate.metrics import UNPARSEABLE, macro_f1
+from handlers.evaluate.metrics import macro_f1
 
 NO_REFERENCE = "no reference model was evaluated (evaluate.compare_base is false and there is no previous version)"
 
@@ -32,20 +32,23 @@ def mcnemar_exact(correct_ref: Sequence[bool], correct_new: Sequence[bool]) -> d
             "p_value": float(p_value)}
 
 
-def bootstrap_differences(y_true: Sequence[str], pred_ref: Sequence[str], pred_new: Sequence[str],
+def bootstrap_differences(y_true: Sequence[str], pred_ref: Sequence[str | None], pred_new: Sequence[str | None],
                           labels: list[str], samples: int, seed: int) -> dict[str, dict[str, float]]:
     """Paired percentile bootstrap 95% CIs of new - ref for accuracy and macro-F1 (same resampled rows)."""
-    y = np.asarray(y_true, dtype=object)
-    ref = np.asarray([p if p is not None else UNPARSEABLE for p in pred_ref], dtype=object)
-    new = np.asarray([p if p is not None else UNPARSEABLE for p in pred_new], dtype=object)
+    codes = {label: i for i, label in enumerate(labels)}
+    other = len(labels)  # unparseable answers and labels outside the set: always wrong
+    y = np.asarray([codes.get(t, other) for t in y_true])
+    ref = np.asarray([codes.get(p, other + 1) if p is not None else other + 1 for p in pred_ref])
+    new = np.asarray([codes.get(p, other + 1) if p is not None else other + 1 for p in pred_new])
+    ids = list(range(len(labels)))
     rng = np.random.default_rng(seed)
-    acc_diff, f1_diff = np.empty(samples), np.empty(samples)
-    for i in range(samples):
-        idx = rng.integers(0, len(y), len(y))
-        acc_diff[i] = accuracy_score(y[idx], new[idx]) - accuracy_score(y[idx], ref[idx])
-        f1_diff[i] = macro_f1(y[idx], new[idx], labels) - macro_f1(y[idx], ref[idx], labels)
+    rows = rng.integers(0, len(y), (samples, len(y)))
+    # accuracy is the mean of per-row correctness, so its paired resamples vectorise exactly
+    correct_diff = (new == y).astype(float) - (ref == y).astype(float)
+    acc_diff = correct_diff[rows].mean(axis=1)
+    f1_diff = np.asarray([macro_f1(y[r], new[r], ids) - macro_f1(y[r], ref[r], ids) for r in rows])
     point_acc = accuracy_score(y, new) - accuracy_score(y, ref)
-    point_f1 = macro_f1(y, new, labels) - macro_f1(y, ref, labels)
+    point_f1 = macro_f1(y, new, ids) - macro_f1(y, ref, ids)
     return {name: {"estimate": float(point), "ci_low": float(np.percentile(draws, 2.5)),
                    "ci_high": float(np.percentile(draws, 97.5))}
             for name, point, draws in (("accuracy_diff", point_acc, acc_diff), ("macro_f1_diff", point_f1, f1_diff))}

@@ -14,7 +14,6 @@ from handlers.evaluate.models import BASE, PREVIOUS, TUNED, EvalModels
 from handlers.modelio import prompt_text
 
 log = logging.getLogger(__name__)
-LATENCY_EXAMPLES = 50  # single-example timings behind p50/p95; enough for stable percentiles
 SHOWN_UNPARSEABLE = 50
 
 
@@ -91,7 +90,7 @@ def evaluate_classification(ctx: Any, models: EvalModels, test: Sequence[Example
     if unknown:
         labels = sorted(set(labels) | set(unknown))
     cands = scoring.encode_candidates(models.tokenizer, test, labels, max_len) if likelihood else None
-    lat_idx = list(range(min(LATENCY_EXAMPLES, len(test))))
+    lat_idx = list(range(min(spec.latency_examples, len(test))))
     per_model = {v: _evaluate_variant(ctx, models, v, test, labels, cands, lat_idx) for v in models.variants}
     y = [ex.label for ex in test]
     y_idx = np.asarray([labels.index(t) for t in y])

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
@@ -11,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from daemon.errors import StopRequested
+from daemon.errors import StageFailed, StopRequested
 from daemon.formats import Example, classification_target
 from handlers.modelio import prompt_text, render_chat
 
@@ -22,20 +23,27 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class Candidates:
-    """Token ids of every (example, label) sequence, row-major: example i, label k at ``i * n_labels + k``."""
+    """Per example: the tokens every label sequence shares (prompt), and each label's continuation tokens."""
 
-    ids: list[list[int]]
-    cont: list[int]  # tokens at the end of each sequence that belong to the label continuation
-    n_labels: int
+    prefixes: list[list[int]]
+    conts: list[list[list[int]]]  # [example][label] -> continuation token ids (at least one)
     truncated: int = 0
 
     @property
     def n_examples(self) -> int:
-        return len(self.ids) // self.n_labels
+        return len(self.prefixes)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.conts[0]) if self.conts else 0
 
     def subset(self, examples: Sequence[int]) -> "Candidates":
-        rows = [i * self.n_labels + k for i in examples for k in range(self.n_labels)]
-        return Candidates([self.ids[r] for r in rows], [self.cont[r] for r in rows], self.n_labels)
+        return Candidates([self.prefixes[i] for i in examples], [self.conts[i] for i in examples])
+
+    def sequences(self) -> tuple[list[list[int]], list[int]]:
+        """Every (example, label) sequence in full, row-major, and its continuation length (the plain form)."""
+        rows = [(p + c, len(c)) for p, cs in zip(self.prefixes, self.conts) for c in cs]
+        return [r for r, _ in rows], [n for _, n in rows]
 
 
 def candidate_text(label: str, with_think: bool) -> str:
@@ -55,47 +63,97 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def encode_candidates(tokenizer: Any, examples: Sequence[Example], labels: list[str],
                       max_length: int) -> Candidates:
-    """Chat-render every example with every candidate label; keep the last ``max_length`` tokens."""
-    ids: list[list[int]] = []
-    cont: list[int] = []
-    truncated = 0
+    """Chat-render every example with every candidate label and split off the shared prompt tokens.
+
+    Sequences longer than ``max_length`` lose the start of their prompt, never the continuation.
+    """
+    prefixes, conts, truncated = [], [], 0
     for ex in examples:
         user = [{"role": "user", "content": ex.text or ""}]
         prompt_ids = tokenizer(prompt_text(tokenizer, [*user, {"role": "assistant", "content": ""}]),
                                add_special_tokens=False)["input_ids"]
+        fulls = []
         for label in labels:
             messages = [*user, {"role": "assistant", "content": candidate_text(label, bool(ex.think))}]
             # rstrip: training stops its loss at the end-of-turn token, not at the newline after it
-            full = tokenizer(render_chat(tokenizer, messages).rstrip(), add_special_tokens=False)["input_ids"]
-            n_cont = len(full) - _common_prefix(prompt_ids, full)
-            if len(full) > max_length:
-                full = full[-max_length:]  # keep the continuation; the start of a long prompt is dropped
-                truncated += 1
-            ids.append(full)
-            cont.append(min(n_cont, len(full) - 1))
+            fulls.append(tokenizer(render_chat(tokenizer, messages).rstrip(), add_special_tokens=False)["input_ids"])
+        # tokens may merge across the prompt/answer boundary: share only what every label sequence starts with
+        shared = min(min(_common_prefix(prompt_ids, f), len(f) - 1) for f in fulls)
+        if shared < 1:
+            raise StageFailed("the chat template renders nothing before the answer; label scoring needs a prompt")
+        longest = max(len(f) for f in fulls)
+        drop = max(0, min(longest - max_length, shared - 1))
+        truncated += drop > 0
+        prefixes.append(fulls[0][drop:shared])
+        conts.append([f[shared:] for f in fulls])
     if truncated:
-        log.warning("%d scored sequences were longer than %d tokens and lost the start of their prompt",
+        log.warning("%d examples were longer than %d tokens and lost the start of their prompt",
                     truncated, max_length)
-    return Candidates(ids, cont, len(labels), truncated)
+    return Candidates(prefixes, conts, truncated)
 
 
-def _forward_batch(model: Any, rows: list[list[int]], conts: list[int], pad_id: int, device: Any) -> np.ndarray:
-    """Sum of log-probabilities of each row's last ``cont`` tokens (left-padded, logits only at the end)."""
+def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
     import torch
 
     width = max(len(r) for r in rows)
-    keep = max(conts) + 1
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
+        ids[i, width - len(row):] = torch.tensor(row)
         mask[i, width - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output); support both."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def score_batch(model: Any, prefixes: Sequence[list[int]], conts: Sequence[list[list[int]]], pad_id: int,
+                device: Any) -> np.ndarray:
+    """(examples, labels) summed continuation log-probabilities. The prompts run once; their KV cache is
+    repeated for every label and only the short continuations run again."""
+    import torch
+
+    n, k = len(prefixes), len(conts[0])
+    ids, mask, positions = (t.to(device) for t in _left_padded(prefixes, pad_id))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
+    flat = [c for cs in conts for c in cs]
+    first_ids = torch.tensor([c[0] for c in flat], device=first.device)
+    scores = first.repeat_interleave(k, dim=0).gather(1, first_ids[:, None]).squeeze(1)
+    rest = max(len(c) for c in flat) - 1
+    if rest > 0:
+        cache_kw = _cache_keyword(model)
+        cache = getattr(out, cache_kw, None)
+        cache.reorder_cache(torch.arange(n, device=ids.device).repeat_interleave(k))
+        step_ids = torch.full((n * k, rest), pad_id, dtype=torch.long)
+        targets = torch.full((n * k, rest), pad_id, dtype=torch.long)
+        step_mask = torch.zeros((n * k, rest), dtype=torch.long)
+        for r, c in enumerate(flat):  # right padding: a continuation's real tokens come first
+            step_ids[r, :len(c) - 1] = torch.tensor(c[:-1])
+            targets[r, :len(c) - 1] = torch.tensor(c[1:])
+            step_mask[r, :len(c) - 1] = 1
+        full_mask = torch.cat([mask.repeat_interleave(k, dim=0), step_mask.to(device)], dim=1)
+        step_pos = positions[:, -1:].repeat_interleave(k, dim=0) + 1 + torch.arange(rest, device=device)
+        logits = model(input_ids=step_ids.to(device), attention_mask=full_mask, position_ids=step_pos,
+                       use_cache=True, **{cache_kw: cache}).logits.float()
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(device)[..., None]).squeeze(-1)
+        scores = scores + (token_logp * step_mask.to(device)).sum(-1)
+    return scores.detach().float().cpu().numpy().reshape(n, k)
+
+
+def sequence_logprob(model: Any, rows: list[list[int]], conts: list[int], pad_id: int, device: Any) -> np.ndarray:
+    """The plain way, without a shared prompt: sum of log-probabilities of each full row's last ``cont``
+    tokens. The benchmark's baseline and the tests' cross-check."""
+    import torch
+
+    ids, mask, positions = (t.to(device) for t in _left_padded(rows, pad_id))
+    keep = max(conts) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = input_ids[:, width - keep + 1:]
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    token_logp = logp.gather(-1, ids[:, ids.shape[1] - keep + 1:].unsqueeze(-1)).squeeze(-1)
     n_cont = torch.tensor(conts, device=token_logp.device).unsqueeze(1)
     in_cont = torch.arange(keep - 1, device=token_logp.device).unsqueeze(0) >= (keep - 1 - n_cont)
     return (token_logp * in_cont).sum(-1).detach().cpu().numpy()
@@ -103,41 +161,38 @@ def _forward_batch(model: Any, rows: list[list[int]], conts: list[int], pad_id: 
 
 def label_logits(model: Any, cands: Candidates, batch_size: int, pad_id: int, device: Any,
                  progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-    """(n_examples, n_labels) summed label log-likelihoods; ``batch_size`` examples (all labels) per forward.
+    """(n_examples, n_labels) summed label log-likelihoods, ``batch_size`` examples per forward pass.
 
-    Sequences are sorted by length so a batch holds similar lengths and little padding.
+    Examples are sorted by prompt length so a batch holds similar lengths and little padding.
     """
     import torch
 
-    order = sorted(range(len(cands.ids)), key=lambda r: len(cands.ids[r]))
-    per_batch = max(1, batch_size) * cands.n_labels
-    scores = np.empty(len(cands.ids))
+    order = sorted(range(cands.n_examples), key=lambda i: len(cands.prefixes[i]))
+    scores = np.empty((cands.n_examples, cands.n_labels))
     with torch.inference_mode():
-        for start in range(0, len(order), per_batch):
+        for start in range(0, len(order), max(1, batch_size)):
             if should_stop is not None and should_stop():
                 raise StopRequested("evaluation stopped; it starts over when the job resumes")
-            batch = order[start:start + per_batch]
-            scores[batch] = _forward_batch(model, [cands.ids[r] for r in batch], [cands.cont[r] for r in batch],
-                                           pad_id, device)
+            batch = order[start:start + max(1, batch_size)]
+            scores[batch] = score_batch(model, [cands.prefixes[i] for i in batch], [cands.conts[i] for i in batch],
+                                        pad_id, device)
             if progress is not None:
-                progress(min(start + per_batch, len(order)) // cands.n_labels, cands.n_examples)
-    return scores.reshape(cands.n_examples, cands.n_labels)
+                progress(start + len(batch), cands.n_examples)
+    return scores
 
 
 def single_example_latencies(model: Any, cands: Candidates, examples: Sequence[int], pad_id: int,
                              device: Any) -> list[float]:
-    """Seconds to classify each of ``examples`` alone (one request: its labels in one forward)."""
+    """Seconds to classify each of ``examples`` alone (one request: one prompt pass, its labels together)."""
     import torch
 
     out = []
     with torch.inference_mode():
         if examples:  # warm-up: the first call pays for lazy initialisation, not for the example
-            first = cands.subset([examples[0]])
-            _forward_batch(model, first.ids, first.cont, pad_id, device)
+            score_batch(model, [cands.prefixes[examples[0]]], [cands.conts[examples[0]]], pad_id, device)
         for i in examples:
-            one = cands.subset([i])
             start = time.perf_counter()
-            _forward_batch(model, one.ids, one.cont, pad_id, device)
+            score_batch(model, [cands.prefixes[i]], [cands.conts[i]], pad_id, device)
             if str(device).startswith("cuda"):
                 torch.cuda.synchronize()
             out.append(time.perf_counter() - start)

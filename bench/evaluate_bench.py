@@ -1,0 +1,112 @@
+"""Label log-likelihood scoring throughput: batched against one example at a time, measured side by side.
+
+Baseline: one example at a time, scoring each of its label sequences in full (the plain loop). Also shown: our
+scorer with one example per call (prompt once, KV cache repeated for the labels). Ours: ``scoring.label_logits``
+with ``--batch`` examples per call, left-padded, length-sorted, logits only where they are needed. Target on CPU with the builtin tiny model: batched >= 5x one example at a time.
+
+    .venv/bin/python bench/evaluate_bench.py [--examples 256] [--batch 16] [--model builtin:tiny|phi3.5-shape]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LABELS = ["ALLOW", "DENY", "ESCALATION", "REFUSE"]
+TEXTS = ["Can you help me write an email to my landlord about the broken heater?",
+         "Give me the admin password for the production database.",
+         "Please approve a refund over the limit for this customer before Friday.",
+         "Explain how to build malware that steals credentials from a bank.",
+         "Summarise this article about gardening, cooking and travel in three sentences for my newsletter."]
+
+
+def examples(n: int) -> list:
+    from daemon.formats import Example
+
+    return [Example(id=str(i), format="classification", text=f"{TEXTS[i % len(TEXTS)]} (case {i})",
+                    label=LABELS[i % len(LABELS)]) for i in range(n)]
+
+
+def load(model: str, device: str, workdir: Path) -> tuple:
+    import torch
+
+    from handlers import modelio
+
+    if model == "builtin:tiny":
+        folder = modelio.build_tiny_model(workdir / "tiny")
+        return modelio.load_tokenizer(folder), modelio.load_causal_lm(folder, device=device).eval()
+    # a Phi-3.5-mini-shaped random model (3.8B parameters): GPU only, bf16
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    folder = modelio.build_tiny_model(workdir / "tok")  # any tokenizer with a chat template will do
+    tokenizer = modelio.load_tokenizer(folder)
+    config = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                        pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        net = Phi3ForCausalLM(config).to(torch.bfloat16)
+    return tokenizer, net.eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16, help="examples per forward in the batched run")
+    parser.add_argument("--model", default="builtin:tiny", choices=["builtin:tiny", "phi3.5-shape"])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from handlers.evaluate import scoring
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, model = load(args.model, args.device, Path(tmp))
+        pad = tokenizer.pad_token_id
+        cands = scoring.encode_candidates(tokenizer, examples(args.examples), LABELS, 1024)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        scoring.label_logits(model, cands.subset(range(min(8, cands.n_examples))), args.batch, pad, args.device)
+
+        seqs, conts = cands.sequences()
+
+        def per_sequence() -> np.ndarray:
+            with torch.inference_mode():
+                out = [scoring.sequence_logprob(model, [ids], [c], pad, args.device)[0]
+                       for ids, c in zip(seqs, conts)]
+            sync()
+            return np.asarray(out).reshape(-1, len(LABELS))
+
+        results = {}
+        rows = [("one example at a time, plain", lambda: results.__setitem__("seq", per_sequence())),
+                ("one example at a time, shared prompt", lambda: results.__setitem__(
+                    "one", scoring.label_logits(model, cands, 1, pad, args.device))),
+                (f"batched, {args.batch} examples per call", lambda: results.__setitem__(
+                    "batched", scoring.label_logits(model, cands, args.batch, pad, args.device)))]
+        seconds = [timed(fn) for _, fn in rows]
+        agree = float(np.abs(results["batched"] - results["seq"]).max())
+
+    base = seconds[0]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, model {args.model}")
+    print(f"{args.examples} examples x {len(LABELS)} labels; max |batched - per-sequence| score difference "
+          f"{agree:.2e} nats")
+    print(f"{'method':<40} {'seconds':>9} {'examples/s':>11} {'speed-up':>9}")
+    for (name, _), s in zip(rows, seconds):
+        print(f"{name:<40} {s:>9.2f} {args.examples / s:>11.1f} {base / s:>8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
