@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -98,21 +98,15 @@ def write_hparams(writer: Any, spec: ArchSpec) -> None:
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's RoPE layout for Llama Q/K rows (interleaved pairs instead of halves)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def tensor_transform(spec: ArchSpec) -> Callable[[str, np.ndarray], np.ndarray]:
-    """HF name + array -> the array llama.cpp expects under the GGUF name (Llama permutes Q and K)."""
-    def transform(name: str, data: np.ndarray) -> np.ndarray:
-        if spec.gguf_arch == "llama":
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                return permute_qk(data, spec.n_head)
-            if name.endswith(("k_proj.weight", "k_proj.bias")):
-                return permute_qk(data, spec.n_head_kv)
-        return data
-    return transform
+def permute_heads(spec: ArchSpec, hf_name: str) -> int | None:
+    """Head count to permute this tensor's rows by (Llama Q and K), or None to keep it as stored."""
+    if spec.gguf_arch != "llama":
+        return None
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return spec.n_head
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return spec.n_head_kv
+    return None
 
 
 def gguf_name(spec: ArchSpec, name_map: Any, hf_name: str) -> str | None:

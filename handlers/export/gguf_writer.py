@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from daemon.errors import StageFailed
 from handlers.export import gguf_arch
+from handlers.export.tensor_stream import TensorStream
 from handlers.export.tokenizer_meta import TokenizerMeta, add_tokenizer_to_writer
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # logical shape, numpy order
     qtype: str  # GGMLQuantizationType name
     nbytes: int
-    load: Callable[[], np.ndarray] = field(repr=False)
+    load: Callable[[int], np.ndarray] = field(repr=False)  # slot -> data (valid until that slot is reused)
 
 
 @dataclass
@@ -46,37 +48,6 @@ class GGUFResult:
     seconds: float
     size_bytes: int
     fallbacks: list[str]
-
-
-class SafetensorsSource:
-    """The tensors of a ``save_pretrained`` folder (one file or sharded), opened lazily with mmap."""
-
-    def __init__(self, model_dir: Path, stack: ExitStack):
-        from safetensors import safe_open
-
-        model_dir = Path(model_dir)
-        index = model_dir / "model.safetensors.index.json"
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else ["model.safetensors"])
-        self.handles: dict[str, Any] = {}
-        self.nbytes = 0
-        for fname in files:
-            path = model_dir / fname
-            if not path.is_file():
-                raise StageFailed(f"{path} is missing: the merged model folder is incomplete; rerun the export")
-            self.nbytes += path.stat().st_size
-            handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            for name in handle.keys():
-                self.handles[name] = handle
-
-    def names(self) -> list[str]:
-        return list(self.handles)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[name].get_slice(name).get_shape())
-
-    def load(self, name: str) -> Any:
-        return self.handles[name].get_tensor(name)
 
 
 def choose_qtype(name: str, shape: tuple[int, ...], out_type: str, tied: bool) -> str:
@@ -102,32 +73,40 @@ def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def _convert(t: Any, qtype: str) -> np.ndarray:
-    """torch tensor -> the bytes (as an array) of one GGUF tensor of ``qtype``."""
+def _convert(stream: TensorStream, src: Any, qtype: str, permute_heads: int | None, slot: int) -> np.ndarray:
+    """Stored tensor -> the bytes (as an array) of one GGUF tensor of ``qtype``, built in reused buffers.
+
+    Llama's Q/K permutation is folded into the same copy that converts the dtype.
+    """
     import gguf
     import torch
 
-    if qtype == "F32":
-        return t.to(torch.float32).numpy()
-    if qtype == "F16":
-        return t.to(torch.float16).numpy()
+    stored_shape = shape = tuple(src.shape)
+    if permute_heads:
+        rest = shape[1:]
+        half = shape[0] // permute_heads // 2
+        src = src.reshape(permute_heads, 2, half, *rest).transpose(1, 2)
+        shape = (permute_heads, half, 2, *rest)
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(qtype, torch.float32)
+    out = stream.scratch(int(np.prod(shape)), dtype, slot).view(shape)
+    out.copy_(src)
     if qtype == "BF16":  # torch rounds to nearest even, like ggml
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    return gguf.quants.quantize(t.to(torch.float32).numpy(), gguf.GGMLQuantizationType[qtype])
+        return out.view(torch.int16).numpy().view(np.uint8)
+    if qtype in ("F16", "F32"):
+        return out.numpy()
+    return gguf.quants.quantize(out.reshape(stored_shape).numpy(), gguf.GGMLQuantizationType[qtype])
 
 
-def plan_tensors(spec: gguf_arch.ArchSpec, source: SafetensorsSource, out_type: str) -> tuple[list[PlannedTensor], list[str]]:
+def plan_tensors(spec: gguf_arch.ArchSpec, source: TensorStream, out_type: str) -> tuple[list[PlannedTensor], list[str]]:
     """Every tensor of the file, in write order, with its type and size; and the F16 fallbacks taken."""
     import gguf
-    import torch
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()],
                                         int(spec.config["num_hidden_layers"]))
-    transform = gguf_arch.tensor_transform(spec)
     planned: list[PlannedTensor] = []
     fallbacks: list[str] = []
     for name, data in gguf_arch.extra_tensors(spec):
-        planned.append(PlannedTensor(name, data.shape, "F32", data.nbytes, lambda d=data: d))
+        planned.append(PlannedTensor(name, data.shape, "F32", data.nbytes, lambda _slot, d=data: d))
     for hf_name in source.names():
         new = gguf_arch.gguf_name(spec, name_map, hf_name)
         if new is None:
@@ -137,15 +116,32 @@ def plan_tensors(spec: gguf_arch.ArchSpec, source: SafetensorsSource, out_type: 
         if qtype == "F16" and OUT_TYPES[out_type][0] not in ("F16",) and len(shape) > 1:
             fallbacks.append(new)
 
-        def load(hf_name: str = hf_name, qtype: str = qtype) -> np.ndarray:
-            t = source.load(hf_name)
-            if spec.gguf_arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight",
-                                                               "q_proj.bias", "k_proj.bias")):
-                t = torch.from_numpy(transform(hf_name, t.to(torch.float32).numpy()))
-            return _convert(t, qtype)
+        def load(slot: int, hf_name: str = hf_name, qtype: str = qtype) -> np.ndarray:
+            return _convert(source, source.load(hf_name, slot), qtype, gguf_arch.permute_heads(spec, hf_name), slot)
 
         planned.append(PlannedTensor(new, shape, qtype, _nbytes(shape, qtype), load))
     return planned, fallbacks
+
+
+def _write_pipelined(writer: Any, planned: list[PlannedTensor],
+                     on_tensor: Callable[[int, int], None] | None) -> None:
+    """Convert tensor i+1 (buffer slot (i+1) % 2) while a worker thread writes tensor i (slot i % 2).
+
+    Both sides release the GIL (torch copy, file write), so on two cores conversion hides behind I/O.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-write") as pool:
+        pending: Future[None] | None = None
+        for i, t in enumerate(planned):
+            data = t.load(i % 2)  # the slot the write before last used, which has finished
+            if data.nbytes != t.nbytes:
+                raise StageFailed(f"{t.name}: converted to {data.nbytes} bytes, planned {t.nbytes} (a bug)")
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_tensor_data, data)
+            if on_tensor is not None:
+                on_tensor(i + 1, len(planned))
+        if pending is not None:
+            pending.result()
 
 
 def write_gguf(model_dir: Path, out_path: Path, out_type: str, meta: TokenizerMeta, *, name: str,
@@ -163,7 +159,7 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, meta: TokenizerMe
     out_path = Path(out_path)
     part = out_path.with_name(out_path.name + ".part")
     with ExitStack() as stack:
-        source = SafetensorsSource(Path(model_dir), stack)
+        source = TensorStream(Path(model_dir), stack)
         planned, fallbacks = plan_tensors(spec, source, out_type)
         writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
         writer.add_type(gguf.GGUFType.MODEL)
@@ -180,13 +176,7 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, meta: TokenizerMe
         writer.write_header_to_file(path=part)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for i, t in enumerate(planned):
-            data = t.load()
-            if data.nbytes != t.nbytes:
-                raise StageFailed(f"{t.name}: converted to {data.nbytes} bytes, planned {t.nbytes} (a bug)")
-            writer.write_tensor_data(data)
-            if on_tensor is not None:
-                on_tensor(i + 1, len(planned))
+        _write_pipelined(writer, planned, on_tensor)
         writer.close()
     with open(part, "rb+") as fh:
         os.fsync(fh.fileno())
