@@ -67,11 +67,34 @@ def read_config(model_ref: str) -> dict[str, Any]:
     return AutoConfig.from_pretrained(model_ref).to_dict()
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, bytes_per: int) -> int:
-    """Activations kept for backward without checkpointing, plus fp32 logits and their gradient."""
+def activation_bytes(shape: ModelShape, batch: int, seq: int, bytes_per: int) -> tuple[int, int]:
+    """Activations kept for backward (without, with gradient checkpointing), fp32 logits and their grad included."""
     tokens = batch * seq
     per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate) * bytes_per
-    return shape.layers * per_layer + tokens * shape.vocab * 4 * 3
+    logits = tokens * shape.vocab * 4 * 3
+    checkpointed = shape.layers * tokens * shape.hidden * bytes_per + per_layer + logits
+    return shape.layers * per_layer + logits, checkpointed
+
+
+def decide_memory(spec: TrainSpec, shape: ModelShape, bytes_per: int,
+                  budget: float | None) -> tuple[str, int | None, bool, dict[str, Any]]:
+    """(method, bits, gradient checkpointing, estimates) for a GPU memory budget (None on CPU)."""
+    weights = shape.params * bytes_per
+    acts, acts_checkpointed = activation_bytes(shape, spec.batch_size, spec.max_seq_length, bytes_per)
+    method = spec.method
+    if method == "auto":
+        # QLoRA costs speed: take it only when half-precision LoRA cannot fit even with checkpointing
+        method = "qlora" if budget is not None and weights + acts_checkpointed > budget else "lora"
+    bits = spec.bits if method == "qlora" else None
+    weight_bytes = shape.params * bits // 8 if bits else weights
+    if spec.gradient_checkpointing == "auto":
+        checkpointing = budget is not None and weight_bytes + acts > budget
+    else:
+        checkpointing = bool(spec.gradient_checkpointing)
+    estimates = {"params": shape.params, "weight_gib": round(weight_bytes / GIB, 2),
+                 "activation_gib": round((acts_checkpointed if checkpointing else acts) / GIB, 2),
+                 "gpu_budget_gib": round(budget / GIB, 2) if budget else None}
+    return method, bits, checkpointing, estimates
 
 
 def _cuda_total_bytes(device: str) -> int:
@@ -105,23 +128,8 @@ def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
     else:
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[spec.precision]
     shape = model_shape(read_config(model_ref))
-    bytes_per = 4 if dtype == "float32" else 2
-    weights = shape.params * bytes_per
-    acts = activation_bytes(shape, spec.batch_size, spec.max_seq_length, bytes_per)
     budget = _cuda_total_bytes(device) * USABLE_GPU_FRACTION if cuda else None
-    method = spec.method
-    if method == "auto":
-        # QLoRA costs speed; take it only when the half-precision weights alone leave too little room
-        method = "qlora" if budget is not None and weights + 0.1 * acts > budget else "lora"
-    bits = spec.bits if method == "qlora" else None
-    weight_bytes = shape.params * bits // 8 if bits else weights
-    if spec.gradient_checkpointing == "auto":
-        checkpointing = budget is not None and weight_bytes + acts > budget
-    else:
-        checkpointing = bool(spec.gradient_checkpointing)
-    estimates = {"params": shape.params, "weight_gib": round(weight_bytes / GIB, 2),
-                 "activation_gib": round(acts / GIB, 2),
-                 "gpu_budget_gib": round(budget / GIB, 2) if budget else None}
+    method, bits, checkpointing, estimates = decide_memory(spec, shape, 4 if dtype == "float32" else 2, budget)
     threads = available_cores() if shape.hidden >= MULTITHREAD_MIN_HIDDEN else 1
     log.info("plan: %s on %s, %s, gradient checkpointing %s, %d CPU thread(s) (estimates %s)", method, device,
              dtype, "on" if checkpointing else "off", threads, estimates)

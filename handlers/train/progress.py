@@ -76,7 +76,8 @@ def write_progress_log(stage_dir: Path, record: dict[str, Any]) -> Path:
     """One timestamped progress file, and the rolling summary (latest record plus a short history)."""
     now = time.time()
     record = {"time": now, "utc": utc_stamp(now), **record}
-    path = stage_dir / PROGRESS_DIR / f"progress_{record['utc']}.json"
+    millis = f"{int(now * 1000) % 1000:03d}"  # several logs a second when the interval is short
+    path = stage_dir / PROGRESS_DIR / f"progress_{record['utc'][:-1]}.{millis}Z.json"
     write_json_atomically(path, record)
     summary = read_json(stage_dir / SUMMARY, default={}) or {}
     recent = (summary.get("recent") or [])[-(SUMMARY_WINDOW - 1):] + [record]
