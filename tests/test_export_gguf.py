@@ -111,3 +111,25 @@ def test_llama_cpp_generates_the_same_greedy_tokens(exported, out_type):
     assert numbers["tokenize_matches"]
     # one flipped near-tie makes a greedy continuation diverge, so quantized files need not agree everywhere
     assert numbers["greedy_token_agreement"] >= (1.0 if out_type == "f16" else 0.5)
+
+
+def test_sharded_bfloat16_checkpoint_streams_into_the_same_gguf(tmp_path):
+    """A bf16 checkpoint in several shards gives the same F16 tensors as the one-file float32 original."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    one = modelio.build_tiny_model(tmp_path / "one")
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(one, dtype=torch.bfloat16)
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    modelio.load_tokenizer(one).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    config = json.loads((sharded / "config.json").read_text())
+    meta = read_tokenizer_meta(sharded, config["vocab_size"], modelio.load_tokenizer(sharded))
+    a = write_gguf(sharded, tmp_path / "a.gguf", "f16", meta, name="t", config=config)
+    b = write_gguf(one, tmp_path / "b.gguf", "f16", meta, name="t", config=config)
+    ta = {t.name: t for t in gguf.GGUFReader(a.path).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(b.path).tensors}
+    assert sorted(ta) == sorted(tb)
+    for name, t in tb.items():  # bf16 rounding first, then f16: within bf16 precision of the original
+        np.testing.assert_allclose(ta[name].data.astype(np.float32), t.data.astype(np.float32), rtol=1e-2, atol=1e-3)

@@ -84,3 +84,24 @@ def test_unsupported_base_model_fails_the_stage(tmp_path):
     ctx = F.export_context(tmp_path, base)
     with pytest.raises(StageFailed, match="supported: LlamaForCausalLM"):
         export.run(ctx)
+
+
+def test_merge_keeps_the_base_dtype(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from handlers.export.merge import merge_adapter
+
+    tiny = modelio.build_tiny_model(tmp_path / "tiny")
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).save_pretrained(base)
+    modelio.load_tokenizer(tiny).save_pretrained(base)
+    adapter = F.make_adapter(base, tmp_path / "adapter")
+    model, _tok = merge_adapter(str(base), adapter, base, tmp_path / "merged")
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as fh:
+        stored = fh.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert stored.dtype == torch.bfloat16
+    # the reference model for verification holds exactly the stored (bf16-rounded) weights
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16), stored)
+    assert not any("lora" in n for n in model.state_dict())

@@ -1,7 +1,6 @@
 """Merge the LoRA adapter into the base weights and save a standalone HF model folder."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,12 +14,12 @@ log = logging.getLogger(__name__)
 SP_MODEL = "tokenizer.model"
 
 
-def saved_dtype(base_config: dict[str, Any]) -> Any:
+def saved_dtype(base_config: Any) -> Any:
     """The dtype the base checkpoint was stored in (merged weights keep it; float32 when unknown)."""
     import torch
 
-    name = str(base_config.get("dtype") or base_config.get("torch_dtype") or "float32")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    name = str(getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or "float32")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name.replace("torch.", ""), torch.float32)
 
 
 def merge_adapter(base_ref: str, adapter_dir: Path, tokenizer_dir: Path, out_dir: Path,
@@ -37,8 +36,9 @@ def merge_adapter(base_ref: str, adapter_dir: Path, tokenizer_dir: Path, out_dir
     base = modelio.load_causal_lm(base_ref, device=device, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_config = json.loads((Path(base_ref) / "config.json").read_text()) if Path(base_ref).is_dir() else {}
-    dtype = saved_dtype(base_config)
+    from transformers import AutoConfig
+
+    dtype = saved_dtype(AutoConfig.from_pretrained(str(base_ref)))  # loading in float32 rewrote base.config
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if dtype is torch.float32:
