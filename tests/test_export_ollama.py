@@ -81,3 +81,23 @@ def test_bos_is_written_only_when_llama_cpp_does_not_add_it(tokenizer):
 def test_no_system_line_when_the_template_cannot_hold_one(tokenizer):
     t = _translate(tokenizer, MISTRAL)
     assert "SYSTEM" not in ollama.modelfile_text("m.gguf", t, "</s>", "You are terse.")
+
+
+def test_ollama_cli_is_driven_from_the_model_folder(tmp_path, monkeypatch):
+    """A stand-in ``ollama`` on PATH records how it is called: create from the Modelfile, then one prompt."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    script = bin_dir / "ollama"
+    script.write_text(f'#!/bin/sh\necho "$PWD|$*" >> {log}\n[ "$1" = run ] && echo "Hi there"\nexit 0\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "Modelfile").write_text("FROM ./m.gguf\n")
+    assert ollama.ollama_reachable() == "cli"
+    info = ollama.create_and_smoke(model_dir, "job:v2", "cli")
+    assert info == {"status": "created", "reply": "Hi there\n"}
+    create, run = log.read_text().splitlines()
+    assert create == f"{model_dir}|create job:v2 -f Modelfile"
+    assert run.endswith("|run job:v2 Hello")

@@ -95,6 +95,8 @@ def _ollama(ctx: StageContext, out: Path, ggufs: list[dict[str, Any]], tokenizer
                           "localhost:11434 is available; install/start Ollama or set create: auto")
     if how is not None:
         info.update(ollama.create_and_smoke(out, oname, how))
+        if spec.create == "always" and info["status"] != "created":
+            raise StageFailed(f"ollama create/run of {oname} failed: {info.get('error', '')[-500:]}")
     return info, t.warnings
 
 
@@ -158,8 +160,11 @@ def run(ctx: StageContext) -> StageResult:
     summary = {"export_seconds": seconds, "gguf": {g["type"]: {k: g.get(k) for k in (
         "size_bytes", "max_abs_diff", "top1_agreement", "export_seconds")} for g in ggufs},
         "ollama_status": info.get("status"), "ollama_command": info.get("command"), "warnings": len(warnings)}
-    message = f"exported {name} v{version}" + (f"; Ollama: {info['command']}" if info.get("status") == "not_run"
-                                               and info else "")
+    message = f"exported {name} v{version}"
+    if info.get("status") == "created":
+        message += f"; Ollama model {info['name']} created (ollama run {info['name']})"
+    elif info:
+        message += f"; Ollama ({info['status']}): {info['command']}"
     if ggufs:
         ctx.emit_event("exported", message, ollama_command=info.get("command"), ollama_status=info.get("status"))
     return StageResult(summary=summary, artifacts=artifacts, message=message,
