@@ -18,12 +18,25 @@ ZEPHYR = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|
           "eos_token }}{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
           "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}"
           "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+# the chat templates of microsoft/Phi-3-mini-4k-instruct and TinyLlama/TinyLlama-1.1B-Chat-v1.0, verbatim
+PHI3_MINI = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+             "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+             "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+             "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+             "{% endif %}")
+TINYLLAMA = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] "
+             "+ eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + "
+             "eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + "
+             "eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n"
+             "{% endif %}\n{% endfor %}")
 CASES = {  # name -> (template, family, has system, stops)
     "chatml": (F.CHATML_TEMPLATE, "chatml", True, ["<|end|>", "<|im_end|>", "<|im_start|>user"]),
     "llama3": (LLAMA3, "llama3", True, ["<|end|>", "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>"]),
     "phi3": (modelio.TINY_CHAT_TEMPLATE, "phi3", True, ["<|end|>", "<|user|>"]),
     "mistral": (MISTRAL, "mistral", False, ["<|end|>", "[INST]", "[/INST]"]),
     "zephyr": (ZEPHYR, "phi3", True, ["<|end|>", "<|user|>"]),
+    "phi3-mini": (PHI3_MINI, "phi3", True, ["<|end|>", "<|user|>"]),
+    "tinyllama-chat": (TINYLLAMA, "phi3", True, ["<|end|>", "<|user|>"]),
     "trainbox-default": (None, "trainbox-default", True, ["<|end|>", "### User:"]),
 }
 CONVO = [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes."},

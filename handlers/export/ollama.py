@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import urllib.error
@@ -89,14 +90,18 @@ def translate(render: Render, template: str | None, bos: str | None, add_bos: bo
     m2, gen_tail = _split(rest, u2)
     lead = bos if bos and p0.startswith(bos) else ""
     user_pre = p0[len(lead):]
-    user_suf = _split(without_gen, u2)[1]
-    if not gen_tail.startswith(user_suf) or not m1.startswith(user_suf) or not m2.endswith(user_pre):
+    asst_suf = m2[: len(m2) - len(user_pre)] if m2.endswith(user_pre) else None
+    if asst_suf is None:
         raise ValueError("the chat template's turns are not a fixed prefix/suffix per role")
+    # the user turn's end: what follows the last user turn without a generation prompt, unless the template
+    # adds more there (Phi-3 appends eos); else the assistant turn's end, the usual case; else the common part
+    user_suf = next((c for c in (_split(without_gen, u2)[1], asst_suf)
+                     if m1.startswith(c) and gen_tail.startswith(c)), os.path.commonprefix([m1, gen_tail]))
     family = family_of(template)
     if family == "custom":  # e.g. "<|{{ role }}|>": recognise the rendered markers instead
         family = family_of(with_gen)
-    t = Translation(family, "" if add_bos else lead, (user_pre, user_suf),
-                    (m1[len(user_suf):], m2[: len(m2) - len(user_pre)]), gen_tail[len(user_suf):], None)
+    t = Translation(family, "" if add_bos else lead, (user_pre, user_suf), (m1[len(user_suf):], asst_suf),
+                    gen_tail[len(user_suf):], None)
     try:
         s = _MARK["system"]
         ps, rest = _split(render([{"role": "system", "content": s}, {"role": "user", "content": u}], False), s)
