@@ -39,19 +39,25 @@ def _winner(value: Any) -> Text:
 
 
 def models_table(entries: list[dict[str, Any]]) -> Table:
-    table = Table(title="Models", expand=True)
+    """One row per model version; metric columns appear when some version has them."""
+    table = Table(title="Models")
     table.add_column("model", no_wrap=True)
     table.add_column("base", overflow="fold")
-    table.add_column("rows", no_wrap=True)
-    for col in ( "train loss", "accuracy", "macro F1", "eval loss", "winner", "created"):
-        table.add_column(col, overflow="fold")
+    table.add_column("rows", no_wrap=True, justify="right")
+    table.add_column("loss", no_wrap=True, justify="right")
+    shown = [(key, head) for key, head in (("accuracy", "acc"), ("macro_f1", "F1"), ("eval_loss", "eval loss"))
+             if any((e.get("metrics") or {}).get(key) is not None for e in entries)]
+    for _, head in shown:
+        table.add_column(head, no_wrap=True, justify="right")
+    table.add_column("winner", no_wrap=True)
+    table.add_column("created", overflow="fold")
     for e in entries:
         m = e.get("metrics") or {}
-        table.add_row(f"{e['name']}:{e['version']}", str(e.get("base_model")), _rows(e), _fmt(e.get("train_loss")),
-                      _fmt(m.get("accuracy")), _fmt(m.get("macro_f1")), _fmt(m.get("eval_loss")),
-                      _winner(e.get("winner")), str(e.get("created_at") or "-")[:16].replace("T", " "))
+        table.add_row(f"{e['name']}:{e['version']}", str(e.get("base_model")), _rows(e), _fmt(e.get("train_loss"), 3),
+                      *(_fmt(m.get(key), 3) for key, _ in shown), _winner(e.get("winner")),
+                      str(e.get("created_at") or "-")[:10])
     if not entries:
-        table.caption = "no model registered yet: a job's model appears here once its train stage starts"
+        table.caption = "no model registered yet: a job's model appears here once its train stage has finished"
     return table
 
 
@@ -61,6 +67,16 @@ def _delta_text(key: str, delta: float | None, pct: bool = False) -> Text:
     better = delta < 0 if key in LOWER_IS_BETTER else delta > 0
     style = "" if delta == 0 else ("green" if better else "red")
     return Text(f"{delta:+.2f}%" if pct else f"{delta:+.4f}", style=style)
+
+
+def _reduction_text(reduction: float | None) -> Text:
+    if reduction is None:
+        return Text("-", style="dim")
+    if abs(reduction) < 0.05:
+        return Text("no change")
+    if reduction > 0:
+        return Text(f"{reduction:.1f}% lower", style="green")
+    return Text(f"{-reduction:.1f}% higher", style="red")
 
 
 def comparison_panel(result: dict[str, Any]) -> Panel:
@@ -76,9 +92,7 @@ def comparison_panel(result: dict[str, Any]) -> Panel:
     loss = result["train_loss"]
     reduction = loss["reduction_pct"]
     table.add_row("train loss", _fmt(loss["a"]), _fmt(loss["b"]),
-                  Text("-", style="dim") if reduction is None else
-                  Text(f"{reduction:.1f}% lower" if reduction >= 0 else f"{-reduction:.1f}% higher",
-                       style="green" if reduction > 0 else ("red" if reduction < 0 else "")))
+                  _reduction_text(reduction))
     rows = result["rows"]
     increase = rows["increase"]
     pct = "" if rows["increase_pct"] is None else f" ({rows['increase_pct']:+.1f}%)"

@@ -27,6 +27,9 @@ def _likelihood(ctx: Any, model: Any, models: EvalModels, cands: scoring.Candida
     spec, pad = ctx.job.evaluate, models.tokenizer.pad_token_id
     progress = lambda done, total: ctx.report_progress(phase=f"scoring {variant}", step=done,  # noqa: E731
                                                        total_steps=total)
+    # warm-up batch: the first calls on a model pay for lazy initialisation, which is not throughput
+    scoring.label_logits(model, cands.subset(range(min(spec.batch_size, cands.n_examples))), spec.batch_size, pad,
+                         models.device)
     start = time.perf_counter()
     logits = scoring.label_logits(model, cands, spec.batch_size, pad, models.device, progress, ctx.should_stop)
     seconds = time.perf_counter() - start

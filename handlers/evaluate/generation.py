@@ -34,6 +34,12 @@ def prompt_and_reference(tokenizer: Any, ex: Example) -> tuple[str, str]:
     return " ".join(words[:cut]) + " ", " ".join(words[cut:])
 
 
+def _shown_prompt(ex: Example, rendered: str) -> str:
+    """What a reader of the report should see as the prompt: the last user turn, not the chat template."""
+    users = [m["content"] for m in (example_messages(ex) or []) if m["role"] == "user"]
+    return users[-1] if users else rendered
+
+
 def encode_for_loss(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[LossItem]:
     items = []
     for ex in examples:
@@ -110,7 +116,7 @@ def evaluate_generation(ctx: Any, models: Any, test: Sequence[Example]) -> dict[
             outputs = generate(model, tok, [p for p, _ in prompts], spec.max_new_tokens, spec.batch_size,
                                models.device, ctx.should_stop) if shown else []
         per_model[variant] = {"metrics": loss_summary(sums, counts), "samples": outputs}
-    samples = [{"id": ex.id, "prompt": prompt[-600:], "reference": ref,
+    samples = [{"id": ex.id, "prompt": _shown_prompt(ex, prompt)[-600:], "reference": ref,
                 **{v: per_model[v]["samples"][i] for v in per_model}}
                for i, (ex, (prompt, ref)) in enumerate(zip(shown, prompts))]
     comparisons = {ref: abtest.compare_losses(per_model[ref]["metrics"]["per_example"],
