@@ -104,15 +104,14 @@ def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path):
         T.read_tokenizer_meta(model_dir, 10, AutoTokenizer.from_pretrained(model_dir))
 
 
-def test_real_mistral_sentencepiece_vocabulary_survives(tmp_path):
-    """mistral-common ships Mistral 7B's tokenizer.model (32k SentencePiece BPE): every token, score and type."""
+@pytest.fixture(scope="module")
+def mistral_export(tmp_path_factory):
+    """A tiny Llama with Mistral 7B's real 32k SentencePiece vocabulary (shipped by mistral-common), as GGUF."""
     mistral_common = pytest.importorskip("mistral_common")
-    import gguf
-    import sentencepiece as spm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sp_file = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    model_dir = tmp_path / "mistral-shaped"
+    model_dir = tmp_path_factory.mktemp("mistral") / "mistral-shaped"
     model_dir.mkdir()
     (model_dir / "tokenizer.model").write_bytes(sp_file.read_bytes())
     tok = F.spm_hf_tokenizer(sp_file, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
@@ -123,6 +122,15 @@ def test_real_mistral_sentencepiece_vocabulary_survives(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     meta, got = _export(model_dir, tok)
+    return sp_file, model_dir, got
+
+
+def test_real_mistral_sentencepiece_vocabulary_survives(mistral_export):
+    """Every token, score and type of the real vocabulary is in the GGUF as SentencePiece has it."""
+    import gguf
+    import sentencepiece as spm
+
+    sp_file, model_dir, got = mistral_export
     sp = spm.SentencePieceProcessor(model_file=str(sp_file))
     assert sp.vocab_size() == len(got["tokens"]) == 32000
     want_types = [T._sp_type(sp, i) for i in range(32000)]
@@ -132,3 +140,15 @@ def test_real_mistral_sentencepiece_vocabulary_survives(tmp_path):
     assert want_types.count(T.BYTE) == 256 and want_types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL]
     assert (got["bos_token_id"], got["eos_token_id"], got["unknown_token_id"]) == (1, 2, 0)
     assert gguf.GGUFReader(model_dir / "t.gguf").fields["tokenizer.ggml.scores"].types[-1] == gguf.GGUFValueType.FLOAT32
+
+
+def test_llama_cpp_tokenizes_the_real_vocabulary_like_sentencepiece(mistral_export):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import sentencepiece as spm
+
+    sp_file, model_dir, _got = mistral_export
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+    llm = llama_cpp.Llama(model_path=str(model_dir / "t.gguf"), n_ctx=64, verbose=False)
+    for text in ["Hello world", " leading space", "multiple   spaces\n\nnew lines\ttabs", "résumé naïve 東京 🚀",
+                 "def f(x):\n    return x**2  # comment", "numbers 1234567 3.14159 and ALL CAPS"]:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == sp.encode(text), text

@@ -56,9 +56,13 @@ def _export_gguf(ctx: StageContext, out: Path, merged_dir: Path, model: Any, tok
     for i, out_type in enumerate(ctx.job.export.gguf):
         if ctx.should_stop():
             raise StopRequested("export stopped between GGUF files; it starts over on resume")
-        ctx.report_progress(force=True, phase=f"gguf {out_type}", step=i, total_steps=len(ctx.job.export.gguf))
         fname = f"{name}-{out_type}.gguf"
-        written = write_gguf(merged_dir, out / fname, out_type, meta, name=name, config=config)
+
+        def progress(done: int, total: int, out_type: str = out_type, i: int = i) -> None:
+            ctx.report_progress(phase=f"gguf {out_type} ({i + 1}/{len(ctx.job.export.gguf)})", step=done,
+                                total_steps=total)
+
+        written = write_gguf(merged_dir, out / fname, out_type, meta, name=name, config=config, on_tensor=progress)
         found = verify.read_back(written.path, written.tensors, arch_spec(config).gguf_arch, len(meta.tokens))
         entry: dict[str, Any] = {"file": fname, "type": out_type, "size_bytes": written.size_bytes,
                                  "export_seconds": round(written.seconds, 3), "f16_fallback_tensors": written.fallbacks}
