@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ROLLING_KINDS = ("rolling", "emergency")  # rotated; "epoch" and "final" are kept
 KINDS = (*ROLLING_KINDS, "epoch", "final")
+HASH_THREADS = 4
 
 
 @dataclass
@@ -51,9 +53,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_and_hash(path: Path) -> str:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+    return _sha256(path)
 
 
 def write_checkpoint_atomically(root: Path, step: int, kind: str, write_files: Callable[[Path], None],
@@ -77,10 +80,10 @@ def write_checkpoint_atomically(root: Path, step: int, kind: str, write_files: C
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_files(tmp)
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(path)
-        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:  # hashlib and fsync release the GIL
+        digests = list(pool.map(_fsync_and_hash, paths))
+    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
         fsync_dir(folder)
     manifest = {"step": step, "kind": kind, "time": time.time(), "files": files, **(extra or {})}
@@ -99,11 +102,15 @@ def verify_checkpoint(path: Path) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("checkpoint %s has no readable manifest (%s): skipped", path.name, exc)
         return None
-    for rel, meta in files.items():
-        file = path / rel
-        if not file.is_file() or file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
-            log.warning("checkpoint %s: %s is missing or does not match its manifest: skipped", path.name, rel)
-            return None
+    def intact(rel: str) -> bool:
+        file, meta = path / rel, files[rel]
+        return file.is_file() and file.stat().st_size == meta["bytes"] and _sha256(file) == meta["sha256"]
+
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        for rel, ok in zip(files, pool.map(intact, files)):
+            if not ok:
+                log.warning("checkpoint %s: %s is missing or does not match its manifest: skipped", path.name, rel)
+                return None
     return Checkpoint(path, manifest)
 
 

@@ -205,7 +205,7 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
         "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2),
         "resumed_from_step": resumed_from, "method": plan.method, "device": plan.device, "dtype": plan.dtype,
         "gradient_checkpointing": plan.gradient_checkpointing, "train_rows": n_train, "val_rows": n_val,
-        "checkpoint_seconds": round(run.checkpoint_seconds, 3),
+        "checkpoint_seconds": round(run.checkpoint_seconds, 3), "checkpoints_written": len(run.checkpoints_written),
         "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         "modules_not_learning": run.monitor.summary()["modules_not_learning"]}
     config = {"job": ctx.job.model_dump(mode="json"), "plan": asdict(plan), "base_model_path": base}
