@@ -95,3 +95,14 @@ def test_llama_cpp_greedy_tokens_match_transformers(tiny):
     _d, _c, tokenizer, written, ref = tiny
     numbers = verify.compare_with_llama_cpp(written.path, ref, tokenizer, PROMPTS, n_tokens=8)
     assert numbers == {"greedy_token_agreement": 1.0, "tokens_compared": 24, "tokenize_matches": True}
+
+
+def test_llama_cpp_rejecting_a_file_is_a_problem(tiny):
+    pytest.importorskip("llama_cpp")
+    _d, _c, tokenizer, written, ref = tiny
+    path = _copy(tiny, "cut.gguf")
+    path.write_bytes(path.read_bytes()[:4096])
+    cpp = verify.compare_with_llama_cpp(path, ref, tokenizer, PROMPTS)
+    assert "cannot load cut.gguf" in cpp["error"]
+    numbers = {"top1_agreement": 1.0, "max_abs_diff": 0.0, "tokenizer_agreement": 1.0}
+    assert verify.judge("f16", numbers, cpp)[0] == [cpp["error"]]

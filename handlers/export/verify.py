@@ -115,7 +115,10 @@ def compare_with_llama_cpp(path: Path, ref_model: Any, tokenizer: Any, prompts: 
         return None
     import torch
 
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=False)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=False)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        return {"error": f"llama.cpp cannot load {path.name}: {exc}"}
     same, total = 0, 0
     for ids in prompt_ids(tokenizer, prompts):
         with torch.no_grad():
@@ -135,9 +138,15 @@ def compare_with_llama_cpp(path: Path, ref_model: Any, tokenizer: Any, prompts: 
             "tokenize_matches": gguf_ids == prompt_ids(tokenizer, prompts[:1])[0]}
 
 
-def judge(out_type: str, numbers: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(problems, warnings): float files must agree on top-1 for every prompt, quantized ones on most."""
+def judge(out_type: str, numbers: dict[str, Any], cpp: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
+    """(problems, warnings): float files must agree on top-1 for every prompt, quantized ones on most;
+    llama.cpp must load the file (its greedy tokens and tokenization are reported, divergence warns)."""
     problems, warnings = [], []
+    if cpp is not None and "error" in cpp:
+        problems.append(cpp["error"])
+    elif cpp is not None and (cpp["greedy_token_agreement"] < 1.0 or not cpp["tokenize_matches"]):
+        warnings.append(f"{out_type}: llama.cpp's greedy tokens agree {cpp['greedy_token_agreement']:.2f} with "
+                        f"transformers (tokenization {'matches' if cpp['tokenize_matches'] else 'differs'})")
     need = 1.0 if out_type in ("f16", "bf16") else 0.5
     if numbers["top1_agreement"] < need:
         problems.append(f"{out_type}: top-1 agreement {numbers['top1_agreement']:.2f} with the merged model "
