@@ -53,8 +53,8 @@ class TrainRun:
     checkpoint_root: Path
     keep: int
     every_steps: int | None
-    write_progress_log: Callable[[dict[str, Any]], None]
-    on_row: Callable[[dict[str, Any]], None] | None = None
+    write_progress_log: Callable[[dict[str, Any]], None] = lambda fields: None
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None
     system: dict[str, Any] = field(default_factory=dict)  # latest CPU/RAM/GPU snapshot (background sampler)
     checkpoints_written: list[Checkpoint] = field(default_factory=list)
     checkpoint_seconds: float = 0.0
@@ -171,8 +171,7 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
             row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device)
             row["perplexity"] = math.exp(min(row["eval_loss"], 50.0))
         run.metrics.append(row)
-        if run.on_row:
-            run.on_row(row)
+        run.on_row(row)
         fields = progress_fields(run, row, step_seconds)
         ctx.report_progress(**fields, **{k: v for k, v in run.system.items() if k != "gpus"})
         run.monitor.after_step(state.step)

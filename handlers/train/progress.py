@@ -6,6 +6,7 @@ rolling ``progress_summary.json``. GPU fields are null (and ``gpus`` empty) wher
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -59,10 +60,19 @@ class GpuProbe:
             self._nvml = None
 
 
+def nvml_index(device: str) -> int:
+    """NVML numbers every GPU of the machine; torch's cuda:N counts only CUDA_VISIBLE_DEVICES (the daemon sets it)."""
+    local = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible and all(v.isdigit() for v in visible) and local < len(visible):
+        return int(visible[local])
+    return local
+
+
 def system_snapshot(probe: GpuProbe, device: str) -> dict[str, Any]:
     """CPU %, RAM %, process RSS and GPU readings; ``gpu_*`` describe the training device (null on CPU)."""
     gpus = probe.sample()
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    index = nvml_index(device)
     mine = gpus[index] if device.startswith("cuda") and index < len(gpus) else None
     return {"cpu_percent": psutil.cpu_percent(interval=None), "ram_percent": psutil.virtual_memory().percent,
             "process_rss_mb": round(psutil.Process().memory_info().rss / 2**20), "gpus": gpus,

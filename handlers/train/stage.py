@@ -27,7 +27,7 @@ from handlers.train.model import build_model
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.requirements import check_train_requirements
-from handlers.train.timers import start_timers
+from handlers.train.observers import Observers
 from handlers.train.trainstate import TrainState, load_training_state
 
 log = logging.getLogger(__name__)
@@ -87,25 +87,45 @@ def save_outputs(stage_dir: Path, model: Any, tokenizer: Any) -> tuple[Path, Pat
     return out[0], out[1]
 
 
-def run_train(ctx: StageContext) -> StageResult:
-    spec, stage_dir = ctx.job.train, ctx.stage_dir
-    started = time.time()
-    device = resolve_device(spec, ctx.device)
-    problems = check_train_requirements(spec, cuda_available=device.startswith("cuda"))
-    if problems:
-        raise StageFailed("; ".join(problems))
-    base = resolve_base_model(ctx.job.base_model, ctx.home)
-    plan = make_plan(spec, device, base)
-    configure_torch(plan.device, plan.cpu_threads)
-    seed_everything(ctx.job.seed)
-
-    tokenizer = load_tokenizer(base)
+def load_rows(ctx: StageContext, tokenizer: Any) -> tuple[list[data.Encoded], list[data.Encoded], list[Path]]:
+    spec = ctx.job.train
     train_file, val_file = split_file(ctx, "train"), split_file(ctx, "val")
     train_rows = data.encode_split(tokenizer, data.read_split(train_file), spec.max_seq_length, "train")
     val_rows = (data.encode_split(tokenizer, data.read_split(val_file), spec.max_seq_length, "val")
                 if val_file.exists() else [])
     if not train_rows:
         raise StageFailed(f"{train_file}: no training rows; add rows to the dataset or lower prepare.split.val/test")
+    return train_rows, val_rows, [train_file, val_file]
+
+
+def resume_or_start(root: Path, model: Any, optimizer: Any, scheduler: Any,
+                    fresh: TrainState) -> tuple[TrainState, int | None]:
+    """The newest complete checkpoint's state (loaded into model/optimizer/scheduler/RNG) and its step, else fresh."""
+    checkpoint = newest_complete_checkpoint(root)
+    if checkpoint is None:
+        return fresh, None
+    state = load_training_state(checkpoint, model, optimizer, scheduler)
+    if state.fingerprint != fresh.fingerprint:
+        log.warning("checkpoint %s was made with other settings or data; resuming anyway, but the result "
+                    "will not match a fresh run", checkpoint.path.name)
+    log.info("resuming from %s (step %d)", checkpoint.path.name, state.step)
+    return state, state.step
+
+
+def run_train(ctx: StageContext) -> StageResult:
+    spec, stage_dir = ctx.job.train, ctx.stage_dir
+    started = time.time()
+    device = resolve_device(spec, ctx.device)
+    problems = check_train_requirements(spec, cuda_available=device.startswith("cuda"))
+    if problems:
+        raise StageFailed("; ".join(problems))  # before any model is built or loaded
+    base = resolve_base_model(ctx.job.base_model, ctx.home)
+    plan = make_plan(spec, device, base)
+    configure_torch(plan.device, plan.cpu_threads)
+    seed_everything(ctx.job.seed)  # before the LoRA init, which draws from the torch RNG
+
+    tokenizer = load_tokenizer(base)
+    train_rows, val_rows, files = load_rows(ctx, tokenizer)
     pad_id = tokenizer.pad_token_id
     batches = data.StepBatches(train_rows, spec.batch_size, spec.gradient_accumulation_steps, ctx.job.seed, pad_id)
     steps = total_steps(spec, len(train_rows))
@@ -117,70 +137,27 @@ def run_train(ctx: StageContext) -> StageResult:
                                   weight_decay=spec.weight_decay)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
                               num_training_steps=steps)
-    state = TrainState(fingerprint=fingerprint(ctx, [train_file, val_file]))
-    resumed_from = None
-    checkpoint = newest_complete_checkpoint(stage_dir / CHECKPOINTS)
-    if checkpoint is not None:
-        expected = state.fingerprint
-        state = load_training_state(checkpoint, model, optimizer, scheduler)
-        resumed_from = state.step
-        if state.fingerprint != expected:
-            log.warning("checkpoint %s was made with other settings or data; resuming anyway, but the result "
-                        "will not match a fresh run", checkpoint.path.name)
-        log.info("resuming from %s (step %d of %d)", checkpoint.path.name, state.step, steps)
-
+    state, resumed_from = resume_or_start(stage_dir / CHECKPOINTS, model, optimizer, scheduler,
+                                          TrainState(fingerprint=fingerprint(ctx, files)))
     run = TrainRun(
         model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
         val_batches=data.eval_batches(val_rows, spec.batch_size, pad_id), state=state,
         metrics=metrics.MetricsLog(stage_dir, state.history), monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
-        every_steps=spec.checkpoint.every_steps, write_progress_log=lambda f: None)
+        every_steps=spec.checkpoint.every_steps)
     state.history = run.metrics.history  # the checkpoint carries the rows written so far
-    probe = progress.GpuProbe()
-    watch = progress.ResourceWatch(ctx.settings.get("resources", {}), ctx.emit_event)
-    run.write_progress_log = lambda f: progress.write_progress_log(stage_dir, {**f, **run.system})
-    tensorboard = open_tensorboard(stage_dir) if spec.tensorboard else None
-    if tensorboard is not None:
-        run.on_row = lambda row: log_scalars(tensorboard, row)
-
-    def sample() -> None:
-        snap = progress.system_snapshot(probe, plan.device)
-        run.system.update(snap)
-        watch.check(snap)
-
-    sample()
-    run.write_progress_log({"epoch": state.epoch, "step": state.step, "total_steps": steps, "loss": None,
-                            "learning_rate": scheduler.get_last_lr()[0], "samples_per_s": None,
-                            "tokens_per_s": None, "eta_s": None})
-    timers = start_timers(run.flags, spec, float(ctx.settings.get("resources", {}).get("check_seconds", 30)), sample)
+    observers = Observers.start(ctx, run)
     try:
         train_loop(ctx, run)
     finally:
-        timers.shutdown(wait=False)
+        observers.stop()
         run.metrics.close()
-        if tensorboard is not None:
-            tensorboard.close()
-    return finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows), probe)
-
-
-def open_tensorboard(stage_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("train.tensorboard is on but the tensorboard package is missing; pip install tensorboard")
-        return None
-    return SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
-
-
-def log_scalars(writer: Any, row: dict[str, Any]) -> None:
-    for key, value in row.items():
-        if key not in ("step", "time") and isinstance(value, (int, float)):
-            writer.add_scalar(f"train/{key}", value, row["step"])
+    return finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows))
 
 
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
-           resumed_from: int | None, n_train: int, n_val: int, probe: progress.GpuProbe) -> StageResult:
+           resumed_from: int | None, n_train: int, n_val: int) -> StageResult:
     stage_dir, state, history = ctx.stage_dir, run.state, run.metrics.history
     adapter_dir, _tokenizer_dir = save_outputs(stage_dir, run.model, tokenizer)
     run.metrics.write_csv()
@@ -188,8 +165,6 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
     losses = [r["loss"] for r in history if r.get("loss") is not None]
     evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
     final = history[-1] if history else {}
-    run.system.update(progress.system_snapshot(probe, plan.device))
-    probe.close()
     run.write_progress_log({"epoch": state.epoch, "step": state.step, "total_steps": run.total_steps,
                             "loss": final.get("loss"), "learning_rate": final.get("learning_rate"),
                             "samples_per_s": round(state.samples_seen / max(state.train_seconds, 1e-9), 3),
