@@ -2,7 +2,8 @@
 
 Baseline: one example at a time, scoring each of its label sequences in full (the plain loop). Also shown: our
 scorer with one example per call (prompt once, KV cache repeated for the labels). Ours: ``scoring.label_logits``
-with ``--batch`` examples per call, left-padded, length-sorted, logits only where they are needed. Target on CPU with the builtin tiny model: batched >= 5x one example at a time.
+with ``--batch`` examples per call, left-padded, length-sorted, logits only where they are needed.
+Target on CPU with the builtin tiny model: batched >= 5x one example at a time.
 
     .venv/bin/python bench/evaluate_bench.py [--examples 256] [--batch 16] [--model builtin:tiny|phi3.5-shape]
 """

@@ -25,8 +25,10 @@ def _prompts(tokenizer: Any, examples: Sequence[Example]) -> list[str]:
 def _likelihood(ctx: Any, model: Any, models: EvalModels, cands: scoring.Candidates, variant: str,
                 lat_idx: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
     spec, pad = ctx.job.evaluate, models.tokenizer.pad_token_id
-    progress = lambda done, total: ctx.report_progress(phase=f"scoring {variant}", step=done,  # noqa: E731
-                                                       total_steps=total)
+
+    def progress(done: int, total: int) -> None:
+        ctx.report_progress(phase=f"scoring {variant}", step=done, total_steps=total)
+
     # warm-up batch: the first calls on a model pay for lazy initialisation, which is not throughput
     scoring.label_logits(model, cands.subset(range(min(spec.batch_size, cands.n_examples))), spec.batch_size, pad,
                          models.device)
