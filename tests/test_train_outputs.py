@@ -91,6 +91,7 @@ def test_progress_logs_and_summary_have_the_documented_fields(finished):
     assert summary["logs_written"] == len(logs) and summary["latest"]["step"] == 12
     progress = json.loads((stage / "progress.json").read_text())
     assert set(TRAINING_FIELDS) <= set(progress) and progress["stage"] == "train"
+    assert progress["step"] == 12 and progress["eta_s"] == 0.0  # the last report is forced past the throttle
 
 
 def test_resource_warnings_reach_the_daemon_rate_limited(finished):

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from handlers.train.observers import Observers
 from handlers.train.trainstate import TrainState, load_training_state
 
 log = logging.getLogger(__name__)
+# peft imports bitsandbytes, whose CPU backend logs a warning about optional kernels that LoRA never uses
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft vs transformers 5
 
 CHECKPOINTS = "checkpoints"
 NON_MATH_KEYS = ("checkpoint", "progress_log", "monitor", "tensorboard", "device")
@@ -165,11 +169,12 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
     losses = [r["loss"] for r in history if r.get("loss") is not None]
     evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
     final = history[-1] if history else {}
-    run.write_progress_log({"epoch": state.epoch, "step": state.step, "total_steps": run.total_steps,
-                            "loss": final.get("loss"), "learning_rate": final.get("learning_rate"),
-                            "samples_per_s": round(state.samples_seen / max(state.train_seconds, 1e-9), 3),
-                            "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2),
-                            "eta_s": 0.0})
+    last = {"epoch": state.epoch, "step": state.step, "total_steps": run.total_steps, "loss": final.get("loss"),
+            "learning_rate": final.get("learning_rate"),
+            "samples_per_s": round(state.samples_seen / max(state.train_seconds, 1e-9), 3),
+            "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2), "eta_s": 0.0}
+    run.write_progress_log(last)
+    ctx.report_progress(force=True, **last)
     files = {"adapter": "adapter", "tokenizer": "tokenizer", "checkpoints": CHECKPOINTS,
              "metrics_jsonl": metrics.JSONL, "metrics_csv": metrics.CSV, "plot": metrics.PLOT,
              "progress_summary": progress.SUMMARY}
