@@ -90,8 +90,9 @@ def load_training_state(checkpoint: Checkpoint, model: Any, optimizer: torch.opt
     if unexpected:
         raise StageFailed(f"checkpoint {folder.name} does not fit this model (unexpected {unexpected[:3]}); "
                           "the job's model or LoRA settings changed: delete the checkpoints folder to start over")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    # map to CPU: load_state_dict moves optimizer state to each parameter's device (GPU index may differ)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
     payload = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    restore_rng(payload.pop("rng"), torch.load(folder / "rng.pt", weights_only=True))
+    restore_rng(payload.pop("rng"), torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
     return TrainState(**payload)
