@@ -167,3 +167,17 @@ def test_resource_warnings_are_rate_limited_and_cpu_must_be_sustained():
     assert watch.check({**hot, "cpu_percent": 10.0}, now=700) == ["gpu0_temp"]  # repeats after 600 s
     assert watch.check(hot, now=710) == []  # the CPU streak restarted
     assert "GPU 0 is at 83 C" in sent[0][0][1]
+
+
+def test_a_checkpoint_write_that_fails_leaves_nothing_behind(tmp_path):
+    import errno
+
+    def disk_full(folder):
+        (folder / "optimizer.pt").write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write_checkpoint_atomically(tmp_path, 1, "rolling", _write(b"ok"))
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint_atomically(tmp_path, 2, "rolling", disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+    assert newest_complete_checkpoint(tmp_path).step == 1

@@ -79,6 +79,18 @@ def write_checkpoint_atomically(root: Path, step: int, kind: str, write_files: C
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        manifest = _write_into(tmp, step, kind, write_files, extra or {})
+        os.rename(tmp, target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: leave no half-written dir behind
+        raise
+    fsync_dir(root)
+    return Checkpoint(target, manifest)
+
+
+def _write_into(tmp: Path, step: int, kind: str, write_files: Callable[[Path], None],
+                extra: dict[str, Any]) -> dict[str, Any]:
     write_files(tmp)
     paths = sorted(p for p in tmp.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:  # hashlib and fsync release the GIL
@@ -86,11 +98,9 @@ def write_checkpoint_atomically(root: Path, step: int, kind: str, write_files: C
     files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
         fsync_dir(folder)
-    manifest = {"step": step, "kind": kind, "time": time.time(), "files": files, **(extra or {})}
+    manifest = {"step": step, "kind": kind, "time": time.time(), "files": files, **extra}
     write_json_atomically(tmp / MANIFEST, manifest)  # last: its presence means every file above is durable
-    os.rename(tmp, target)
-    fsync_dir(root)
-    return Checkpoint(target, manifest)
+    return manifest
 
 
 def verify_checkpoint(path: Path) -> Checkpoint | None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from daemon.errors import StopRequested
+from daemon.errors import StageFailed, StopRequested
 from handlers.context import StageContext
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
 from handlers.train.data import IGNORE, StepBatches
@@ -55,6 +55,7 @@ class TrainRun:
     every_steps: int | None
     write_progress_log: Callable[[dict[str, Any]], None] = lambda fields: None
     on_row: Callable[[dict[str, Any]], None] = lambda row: None
+    on_event: Callable[..., None] = lambda kind, message, **data: None
     system: dict[str, Any] = field(default_factory=dict)  # latest CPU/RAM/GPU snapshot (background sampler)
     checkpoints_written: list[Checkpoint] = field(default_factory=list)
     checkpoint_seconds: float = 0.0
@@ -106,13 +107,23 @@ def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: st
     return total / max(count, 1)
 
 
-def save_checkpoint(run: TrainRun, kind: str) -> Checkpoint:
+def save_checkpoint(run: TrainRun, kind: str) -> Checkpoint | None:
+    """Write a checkpoint; a rolling one that fails for lack of disk space is reported and training goes on."""
     started = time.monotonic()
-    checkpoint = write_checkpoint_atomically(
-        run.checkpoint_root, run.state.step, kind,
-        lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state),
-        extra={"epoch": run.state.epoch, "index_in_epoch": run.state.index_in_epoch,
-               "fingerprint": run.state.fingerprint})
+    try:
+        checkpoint = write_checkpoint_atomically(
+            run.checkpoint_root, run.state.step, kind,
+            lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state),
+            extra={"epoch": run.state.epoch, "index_in_epoch": run.state.index_in_epoch,
+                   "fingerprint": run.state.fingerprint})
+    except OSError as exc:
+        message = (f"checkpoint at step {run.state.step} could not be written ({exc}); free disk space under "
+                   f"{run.checkpoint_root} or lower train.checkpoint.keep")
+        if kind != "rolling":
+            raise StageFailed(message) from exc
+        log.error("%s; training continues, the next checkpoint tries again", message)
+        run.on_event("resource_warning", message, resource="disk")
+        return None
     rotate_checkpoints(run.checkpoint_root, run.keep)
     run.metrics.write_csv()
     elapsed = time.monotonic() - started

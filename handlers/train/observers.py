@@ -35,6 +35,7 @@ class Observers:
             run.system.update(snap)
             watch.check(snap)
 
+        run.on_event = ctx.emit_event
         run.write_progress_log = lambda fields: progress.write_progress_log(ctx.stage_dir, {**fields, **run.system})
         sample()
         run.write_progress_log({"epoch": run.state.epoch, "step": run.state.step, "total_steps": run.total_steps,
