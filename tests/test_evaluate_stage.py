@@ -144,6 +144,15 @@ def test_generate_mode_parses_final_and_lists_unparseable_answers(demo):
     text = " ".join(parse_report(stage / "report.html").text)
     assert "Unparseable answers of the base model (16)" in text
 
+    stage = make_eval_stage(train_dir, {"mode": "generate", "max_examples": 8, "max_new_tokens": 20,
+                                        "bootstrap_samples": 100, "latency_examples": 2}, name="evaluate-gen")
+    result = run_evaluate(stage)
+    doc = json.loads((stage / "evaluation_results.json").read_text())
+    assert doc["calibration"] is None and "temperature" not in result.model
+    tuned = doc["models"]["tuned"]
+    assert tuned["metrics"]["accuracy"] == tuned["generation"]["metrics"]["accuracy"] == result.summary["accuracy"]
+    assert len(parse_report(stage / "report.html").images) == 3  # no reliability diagram without likelihoods
+
 
 def _generation_rows(n: int) -> list[Example]:
     topics = ["the weather", "soup", "trains", "gardens", "music", "rivers", "bread", "cats", "stars", "tea"]
