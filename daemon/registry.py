@@ -47,12 +47,12 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def rows_of(job: dict[str, Any]) -> dict[str, int | None]:
+def rows_of(job: dict[str, Any], datasets: list[dict[str, Any]]) -> dict[str, int | None]:
     """Original rows (prepare's splits together) and rows after augmentation (None without augment)."""
     prepare = _stage_summary(job, "prepare") or {}
     original = _count(prepare.get("rows"))
     if original is None:  # before prepare ran: what the store knows about the datasets
-        original = sum(int(d.get("rows") or 0) for d in job.get("_dataset_docs", [])) or None
+        original = sum(int(d.get("rows") or 0) for d in datasets) or None
     augmented = None
     augment = _stage_summary(job, "augment")
     if augment:
@@ -97,7 +97,7 @@ def ensure_entry(store: Store, job: dict[str, Any]) -> dict[str, Any]:
             "job_id": job["id"],
             "base_model": job["spec"]["base_model"],
             "datasets": datasets,
-            "rows": rows_of({**job, "_dataset_docs": datasets}),
+            "rows": rows_of(job, datasets),
             "train_loss": _train_loss(job),
             "metrics": {},
             "winner": None,
@@ -130,7 +130,7 @@ def update_entry(store: Store, job_id: str, stage: str, fields: dict[str, Any]) 
                 entry[key] = value
         job = store.job(job_id)
         if job is not None:
-            rows = rows_of({**job, "_dataset_docs": entry.get("datasets", [])})
+            rows = rows_of(job, entry.get("datasets", []))
             entry["rows"] = {k: rows[k] if rows[k] is not None else (entry.get("rows") or {}).get(k)
                              for k in ("original", "augmented")}
             if entry.get("train_loss") is None:
