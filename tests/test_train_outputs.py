@@ -8,6 +8,7 @@ import pytest
 
 from handlers.context import load_context
 from handlers.train import run
+from handlers.train.checkpoints import list_complete_checkpoints
 from handlers.train.metrics import COLUMNS
 from handlers.train.progress import TRAINING_FIELDS
 from train_fixtures import demo_examples, make_train_stage, split_by_hash
@@ -21,7 +22,8 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
     stage = make_train_stage(root, split_by_hash(demo_examples()), {
         "max_steps": 12, "batch_size": 8, "max_seq_length": 96, "eval_every_steps": 4,
-        "lora": {"r": 4, "alpha": 8}, "progress_log": {"interval_seconds": 0.05}, "monitor": {"every_n_steps": 3}},
+        "lora": {"r": 4, "alpha": 8}, "progress_log": {"interval_seconds": 0.05}, "monitor": {"every_n_steps": 3},
+        "checkpoint": {"interval_seconds": 0.05, "keep": 1}},
         settings={"resources": {"ram_percent": 0.0, "check_seconds": 0.05}})
     result = run(load_context(stage))
     return stage, result
@@ -100,3 +102,10 @@ def test_resource_warnings_reach_the_daemon_rate_limited(finished):
     ram = [e for e in events if e["kind"] == "resource_warning" and e["resource"] == "ram"]
     assert len(ram) == 1  # sampled every 0.05 s, reported once per 10 minutes
     assert "RAM use is" in ram[0]["message"] and "batch_size" in ram[0]["message"]
+
+
+def test_timed_checkpoints_come_from_the_scheduler_and_rotate(finished):
+    stage, result = finished
+    kinds = [c.kind for c in list_complete_checkpoints(stage / "checkpoints")]
+    assert kinds.count("final") == 1 and kinds.count("rolling") == 1  # keep: 1
+    assert result.summary["checkpoints_written"] >= 2  # at least one timed rolling checkpoint, then the final
