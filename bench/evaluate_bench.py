@@ -5,7 +5,8 @@ scorer with one example per call (prompt once, KV cache repeated for the labels)
 with ``--batch`` examples per call, left-padded, length-sorted, logits only where they are needed.
 Target on CPU with the builtin tiny model: batched >= 5x one example at a time.
 
-    .venv/bin/python bench/evaluate_bench.py [--examples 256] [--batch 16] [--repeat 3] [--model builtin:tiny|phi3.5-shape]
+    .venv/bin/python bench/evaluate_bench.py [--examples 256] [--batch 16] [--repeat 3]
+        [--model builtin:tiny|phi3.5-shape] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def main() -> None:
     base = seconds[0]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, model {args.model}")
-    print(f"{args.examples} examples x {len(LABELS)} labels, best of {args.repeat} round-robin runs; max |batched - per-sequence| score difference "
+    print(f"{args.examples} examples x {len(LABELS)} labels, best of {args.repeat} round-robin runs; "
+          f"max |batched - per-sequence| score difference "
           f"{agree:.2e} nats")
     print(f"{'method':<40} {'seconds':>9} {'examples/s':>11} {'speed-up':>9}")
     for (name, _), s in zip(rows, seconds):
