@@ -133,3 +133,19 @@ def test_sharded_bfloat16_checkpoint_streams_into_the_same_gguf(tmp_path):
     assert sorted(ta) == sorted(tb)
     for name, t in tb.items():  # bf16 rounding first, then f16: within bf16 precision of the original
         np.testing.assert_allclose(ta[name].data.astype(np.float32), t.data.astype(np.float32), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("builder", ["llama", "builtin_tiny"])
+def test_bulk_metadata_packing_writes_the_stock_writers_bytes(tmp_path, monkeypatch, builder):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from handlers.export import gguf_writer
+
+    model_dir = BUILDERS[builder](tmp_path / "m")
+    config = json.loads((model_dir / "config.json").read_text())
+    meta = read_tokenizer_meta(model_dir, config["vocab_size"], AutoTokenizer.from_pretrained(model_dir))
+    fast = write_gguf(model_dir, tmp_path / "fast.gguf", "q8_0", meta, name="t", config=config)
+    monkeypatch.setattr(gguf_writer, "_new_writer", lambda arch: gguf.GGUFWriter(path=None, arch=arch))
+    stock = write_gguf(model_dir, tmp_path / "stock.gguf", "q8_0", meta, name="t", config=config)
+    assert fast.path.read_bytes() == stock.path.read_bytes()
