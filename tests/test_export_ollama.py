@@ -114,3 +114,45 @@ def test_ollama_cli_is_driven_from_the_model_folder(tmp_path, monkeypatch):
     create, run = log.read_text().splitlines()
     assert create == f"{model_dir}|create job:v2 -f Modelfile"
     assert run.endswith("|run job:v2 Hello")
+
+
+def test_ollama_api_gets_the_blob_then_the_model(tmp_path, monkeypatch):
+    """Without the CLI, the GGUF is uploaded as a blob and the model created from the Modelfile's parts."""
+    import hashlib
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    calls = []
+
+    class FakeOllama(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append((self.path, body))
+            reply = {"response": "Hi"} if self.path == "/api/generate" else {"status": "success"}
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps(reply).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), FakeOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(ollama, "API", f"http://127.0.0.1:{server.server_port}")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    (model_dir / "Modelfile").write_text('FROM ./m.gguf\nTEMPLATE """{{ .Prompt }}"""\nPARAMETER stop "<|end|>"\n'
+                                         'SYSTEM """Be brief."""\n')
+    try:
+        info = ollama.create_and_smoke(model_dir, "job:v1", "api")
+    finally:
+        server.shutdown()
+    digest = hashlib.sha256((model_dir / "m.gguf").read_bytes()).hexdigest()
+    assert info == {"status": "created", "reply": "Hi"}
+    assert [c[0] for c in calls] == [f"/api/blobs/sha256:{digest}", "/api/create", "/api/generate"]
+    assert calls[0][1] == (model_dir / "m.gguf").read_bytes()
+    assert json.loads(calls[1][1]) == {"model": "job:v1", "files": {"m.gguf": f"sha256:{digest}"},
+                                       "template": "{{ .Prompt }}", "parameters": {"stop": ["<|end|>"]},
+                                       "system": "Be brief."}

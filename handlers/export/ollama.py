@@ -160,8 +160,9 @@ def create_and_smoke(model_dir: Path, name: str, how: str, prompt: str = "Hello"
     return _create_via_api(model_dir, name, prompt)
 
 
-def _post(path: str, body: bytes, timeout: float = 600) -> dict[str, Any]:
-    req = urllib.request.Request(f"{API}{path}", data=body, method="POST")
+def _post(path: str, body: Any, timeout: float = 600, length: int | None = None) -> dict[str, Any]:
+    headers = {"Content-Length": str(length)} if length is not None else {}
+    req = urllib.request.Request(f"{API}{path}", data=body, method="POST", headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         text = resp.read().decode("utf-8", "replace").strip().splitlines()
     return json.loads(text[-1]) if text else {}
@@ -172,14 +173,23 @@ def _create_via_api(model_dir: Path, name: str, prompt: str) -> dict[str, Any]:
 
     modelfile = (model_dir / "Modelfile").read_text(encoding="utf-8")
     gguf_name = modelfile.splitlines()[0].split("./", 1)[1]
-    digest = hashlib.sha256((model_dir / gguf_name).read_bytes()).hexdigest()
+    path = model_dir / gguf_name
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:  # streamed: the file may be many GB
+        while chunk := fh.read(16 << 20):
+            sha.update(chunk)
+    digest = sha.hexdigest()
     try:
-        _post(f"/api/blobs/sha256:{digest}", (model_dir / gguf_name).read_bytes())
+        with open(path, "rb") as fh:
+            _post(f"/api/blobs/sha256:{digest}", fh, length=path.stat().st_size)
         template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
         stops = [json.loads(line.split(" ", 2)[2]) for line in modelfile.splitlines()
                  if line.startswith("PARAMETER stop ")]
-        _post("/api/create", json.dumps({"model": name, "files": {gguf_name: f"sha256:{digest}"},
-                                         "template": template, "parameters": {"stop": stops}}).encode())
+        body: dict[str, Any] = {"model": name, "files": {gguf_name: f"sha256:{digest}"}, "template": template,
+                                "parameters": {"stop": stops}}
+        if 'SYSTEM """' in modelfile:
+            body["system"] = modelfile.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+        _post("/api/create", json.dumps(body).encode())
         reply = _post("/api/generate", json.dumps({"model": name, "prompt": prompt, "stream": False,
                                                    "options": {"num_predict": 16}}).encode(), timeout=300)
     except (urllib.error.URLError, OSError, ValueError) as exc:
