@@ -148,6 +148,9 @@ def load_tokenizer(ref: str | Path) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(ref))
     except OSError as exc:
         raise _hub_error(str(ref), exc) from exc
+    except ValueError as exc:  # e.g. only a SentencePiece tokenizer.model and no converter installed
+        raise StageFailed(f"cannot load the tokenizer of {ref}: {exc}. Save the tokenizer with a tokenizer.json "
+                          "(tokenizer.save_pretrained) or pip install sentencepiece protobuf") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -61,6 +61,21 @@ def test_loss_covers_only_the_answer_of_each_format(tokenizer):
     assert _learned_text(tokenizer, text) == "The quick brown fox.<|end|>"
 
 
+PHI3_TEMPLATE = (  # Phi-3-mini-4k-instruct's template: the end-of-text token only closes a whole conversation
+    "{% for message in messages %}{{'<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_templates_that_close_only_the_last_turn_mask_each_answer(tiny):
+    tokenizer = modelio.load_tokenizer(tiny)
+    tokenizer.chat_template = PHI3_TEMPLATE
+    tokenizer.eos_token = "<|bos|>"  # any token that is not <|end|> stands in for Phi-3's <|endoftext|>
+    chat = encode_example(tokenizer, Example("c", "messages", messages=[
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]), 256)
+    assert _learned_text(tokenizer, chat) == "Hello.<|end|>Goodbye.<|end|>\n<|bos|>"
+
+
 def test_long_prompts_are_cut_from_the_start_so_the_label_survives(tokenizer):
     enc = encode_example(tokenizer, Example("a", "classification", text="please " * 200, label="REFUSE"), 32)
     assert len(enc.input_ids) == 32 and _learned_text(tokenizer, enc) == "REFUSE<|end|>"

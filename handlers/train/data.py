@@ -38,20 +38,40 @@ def read_split(path: Path) -> list[Example]:
         return [Example.from_json(line) for line in fh if line.strip()]
 
 
+def _common_token_prefix_end(tokenizer: Any, full: str, offsets: list[tuple[int, int]], full_ids: list[int],
+                             other: str) -> int:
+    """Character position where ``other`` stops agreeing with ``full``, measured in whole tokens."""
+    other_ids = tokenizer(other, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(full_ids), len(other_ids)) and full_ids[k] == other_ids[k]:
+        k += 1
+    return offsets[k - 1][1] if k else 0
+
+
 def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Full text and the character spans of every assistant answer (including its end-of-turn marker)."""
+    """Full text and the character spans of every assistant answer (including its end-of-turn marker).
+
+    An answer starts where the prompt for it (history + assistant header) ends, and ends where the conversation
+    cut after it stops agreeing token by token with the full one (templates may add an end-of-text marker
+    only at the very end of a conversation).
+    """
     full = render_chat(tokenizer, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render_chat(tokenizer, messages[: i + 1]).rstrip()
-        if not (full.startswith(prompt) and full.startswith(upto)):
+        upto = render_chat(tokenizer, messages[: i + 1])
+        end = len(full) if upto == full else _common_token_prefix_end(
+            tokenizer, full, enc["offset_mapping"], enc["input_ids"], upto)
+        while end > len(prompt) and full[end - 1].isspace():
+            end -= 1
+        if not full.startswith(prompt) or message["content"].strip() not in full[len(prompt):end]:
             raise StageFailed("the tokenizer's chat template does not render a conversation prefix by prefix, so "
                               "the assistant tokens cannot be located; use a base model whose template does, or "
                               "remove chat_template from its tokenizer_config.json to use the default format")
-        spans.append((len(prompt), len(upto)))
+        spans.append((len(prompt), end))
     return full, spans
 
 
