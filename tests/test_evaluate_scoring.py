@@ -34,8 +34,22 @@ def test_continuations_are_the_label_and_its_end_of_turn(tiny):
     cands = scoring.encode_candidates(tokenizer, _examples(2), LABELS, 1024)
     assert cands.n_examples == 2 and cands.n_labels == 4
     assert tokenizer.decode(cands.conts[1][1]) == "DENY<|end|>"  # example 1 (no think), label DENY
-    assert tokenizer.decode(cands.conts[0][3]) == "<final>REFUSE</final><|end|>"  # a think row
+    assert tokenizer.decode(cands.conts[0][3]) == "REFUSE</final><|end|>"  # a think row
+    assert tokenizer.decode(cands.prefixes[0]).endswith("<|assistant|>\n<final>")
     assert tokenizer.decode(cands.prefixes[1]).endswith("<|assistant|>\n")
+
+
+def test_labels_are_scored_after_the_models_own_reasoning(tiny):
+    tokenizer, _ = tiny
+    output = "<think-task>asks for a password</think-task><think-policy>deny</think-policy><final>DENY</final>"
+    reasoning = scoring.reasoning_before_final(output)
+    assert reasoning == "<think-task>asks for a password</think-task><think-policy>deny</think-policy>"
+    assert scoring.reasoning_before_final("DENY") is None
+    assert scoring.reasoning_before_final("<think-task>cut off before the answer") is None
+    cands = scoring.encode_candidates(tokenizer, _examples(2), LABELS, 1024, reasoning=[reasoning, None])
+    assert tokenizer.decode(cands.prefixes[0]).endswith(f"<|assistant|>\n{reasoning}<final>")
+    assert tokenizer.decode(cands.conts[0][2]) == "ESCALATION</final><|end|>"
+    assert tokenizer.decode(cands.conts[1][0]) == "ALLOW<|end|>"
 
 
 def test_shared_prompt_scores_equal_plain_full_sequence_scores_and_a_hand_sum(tiny):

@@ -139,6 +139,9 @@ def test_generate_mode_parses_final_and_lists_unparseable_answers(demo):
         assert gen["metrics"]["n"] == 16
         assert gen["unparseable_count"] == gen["metrics"]["unparseable"] == len(gen["unparseable"])
     assert doc["models"]["base"]["generation"]["unparseable_count"] == 16  # a random model answers gibberish
+    tuned = doc["models"]["tuned"]
+    assert tuned["metrics"]["latency_p50_ms"] == tuned["generation"]["latency"]["latency_p50_ms"]
+    assert doc["calibration"]["fitted_on"] == "val"
     predictions = [json.loads(line) for line in (stage / "predictions.jsonl").read_text().splitlines()]
     assert all("tuned_generated" in p for p in predictions)
     text = " ".join(parse_report(stage / "report.html").text)

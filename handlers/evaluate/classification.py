@@ -60,23 +60,32 @@ def _generation(ctx: Any, model: Any, models: EvalModels, test: Sequence[Example
             "unparseable": unparseable[:SHOWN_UNPARSEABLE], "unparseable_count": len(unparseable)}
 
 
+def _candidates(ctx: Any, models: EvalModels, examples: Sequence[Example], labels: list[str],
+                outputs: Sequence[str] | None) -> scoring.Candidates:
+    reasoning = [scoring.reasoning_before_final(o) for o in outputs] if outputs is not None else None
+    return scoring.encode_candidates(models.tokenizer, examples, labels, ctx.job.train.max_seq_length, reasoning)
+
+
 def _evaluate_variant(ctx: Any, models: EvalModels, variant: str, test: Sequence[Example], labels: list[str],
-                      cands: scoring.Candidates | None, lat_idx: list[int]) -> dict[str, Any]:
+                      lat_idx: list[int]) -> dict[str, Any]:
+    """One model on the test split. Mode both generates first, so labels are scored after its own reasoning."""
     spec = ctx.job.evaluate
     y = [ex.label for ex in test]
     out: dict[str, Any] = {}
     log.info("evaluating %s model on %d test examples (mode %s)", variant, len(test), spec.mode)
     with models.use(variant) as model:
-        if cands is not None:
-            logits, latency = _likelihood(ctx, model, models, cands, variant, lat_idx)
-            probs = calibration.probabilities(logits)
-            out.update(logits=logits, probs=probs, pred=[labels[i] for i in probs.argmax(axis=1)], latency=latency)
         if spec.mode in ("generate", "both"):
             gen = _generation(ctx, model, models, test, labels, lat_idx)
             gen["metrics"] = classification_metrics(y, gen["pred"], labels, spec.critical_label)
-            out["generation"] = gen
-            if spec.mode == "generate":
-                out.update(pred=gen["pred"], latency=gen["latency"])
+            out.update(generation=gen, pred=gen["pred"], latency=gen["latency"])
+        if spec.mode in ("likelihood", "both"):
+            generated = out["generation"]["outputs"] if out else None
+            cands = _candidates(ctx, models, test, labels, generated)
+            # mode both: an answer costs its generation; the scoring time is not what a user waits for
+            logits, latency = _likelihood(ctx, model, models, cands, variant, lat_idx if generated is None else [])
+            probs = calibration.probabilities(logits)
+            out.update(logits=logits, probs=probs, pred=[labels[i] for i in probs.argmax(axis=1)])
+            out.setdefault("latency", latency)
     out["metrics"] = classification_metrics(y, out["pred"], labels, spec.critical_label)
     if "probs" in out:
         out["metrics"]["ece"] = calibration.expected_calibration_error(
@@ -85,30 +94,37 @@ def _evaluate_variant(ctx: Any, models: EvalModels, variant: str, test: Sequence
     return out
 
 
+def _val_logits(ctx: Any, models: EvalModels, val: Sequence[Example], labels: list[str]) -> np.ndarray:
+    """The tuned model's label scores on the validation split, made the same way as on the test split."""
+    spec = ctx.job.evaluate
+    with models.use(TUNED) as model:
+        outputs = None
+        if spec.mode == "both":
+            outputs = scoring.generate(model, models.tokenizer, _prompts(models.tokenizer, val), spec.max_new_tokens,
+                                       spec.batch_size, models.device, ctx.should_stop)
+        cands = _candidates(ctx, models, val, labels, outputs)
+        return scoring.label_logits(model, cands, spec.batch_size, models.tokenizer.pad_token_id, models.device,
+                                    None, ctx.should_stop)
+
+
 def evaluate_classification(ctx: Any, models: EvalModels, test: Sequence[Example], val: Sequence[Example],
                             labels: list[str]) -> dict[str, Any]:
     """Per-model metrics, the tuned model's calibration, A/B comparisons and the winner verdict."""
     spec = ctx.job.evaluate
-    max_len = ctx.job.train.max_seq_length
-    likelihood = spec.mode in ("likelihood", "both")
     unknown = sorted({ex.label for ex in test} - set(labels))
     if unknown:
         labels = sorted(set(labels) | set(unknown))
-    cands = scoring.encode_candidates(models.tokenizer, test, labels, max_len) if likelihood else None
     lat_idx = list(range(min(spec.latency_examples, len(test))))
-    per_model = {v: _evaluate_variant(ctx, models, v, test, labels, cands, lat_idx) for v in models.variants}
+    per_model = {v: _evaluate_variant(ctx, models, v, test, labels, lat_idx) for v in models.variants}
     y = [ex.label for ex in test]
     y_idx = np.asarray([labels.index(t) for t in y])
 
     calib = None
-    if likelihood:
+    if spec.mode in ("likelihood", "both"):
         val = [ex for ex in val if ex.label in labels]
         val_logits, val_idx = None, None
         if val:
-            with models.use(TUNED) as model:
-                val_cands = scoring.encode_candidates(models.tokenizer, val, labels, max_len)
-                val_logits = scoring.label_logits(model, val_cands, spec.batch_size, models.tokenizer.pad_token_id,
-                                                  models.device, None, ctx.should_stop)
+            val_logits = _val_logits(ctx, models, val, labels)
             val_idx = np.asarray([labels.index(ex.label) for ex in val])
         else:
             log.warning("the validation split is empty: temperature scaling is skipped (T = 1)")

@@ -14,7 +14,7 @@ import numpy as np
 
 from daemon.errors import StageFailed, StopRequested
 from daemon.formats import Example, classification_target
-from handlers.modelio import prompt_text, render_chat
+from handlers.modelio import render_chat
 
 log = logging.getLogger(__name__)
 FINAL_RE = re.compile(r"<final>\s*(.*?)\s*(?:</final>|$)", re.DOTALL)
@@ -61,24 +61,34 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode_candidates(tokenizer: Any, examples: Sequence[Example], labels: list[str],
-                      max_length: int) -> Candidates:
-    """Chat-render every example with every candidate label and split off the shared prompt tokens.
+def reasoning_before_final(output: str) -> str | None:
+    """The think sections a generated answer wrote before ``<final>`` (None when it wrote none)."""
+    head, found, _ = output.partition("<final>")
+    return head if found and "<think-" in head else None
 
-    Sequences longer than ``max_length`` lose the start of their prompt, never the continuation.
+
+def encode_candidates(tokenizer: Any, examples: Sequence[Example], labels: list[str], max_length: int,
+                      reasoning: Sequence[str | None] | None = None) -> Candidates:
+    """Chat-render every example with every candidate label and split off the tokens all labels share.
+
+    ``reasoning`` (mode both): a model's own generated think sections per example; its labels are then scored
+    after that reasoning, as the model decides when it generates. Sequences longer than ``max_length`` lose the
+    start of their prompt, never the continuation.
     """
     prefixes, conts, truncated = [], [], 0
-    for ex in examples:
+    for i, ex in enumerate(examples):
         user = [{"role": "user", "content": ex.text or ""}]
-        prompt_ids = tokenizer(prompt_text(tokenizer, [*user, {"role": "assistant", "content": ""}]),
-                               add_special_tokens=False)["input_ids"]
+        before = reasoning[i] if reasoning else None
         fulls = []
         for label in labels:
-            messages = [*user, {"role": "assistant", "content": candidate_text(label, bool(ex.think))}]
+            answer = f"{before}<final>{label}</final>" if before else candidate_text(label, bool(ex.think))
+            messages = [*user, {"role": "assistant", "content": answer}]
             # rstrip: training stops its loss at the end-of-turn token, not at the newline after it
             fulls.append(tokenizer(render_chat(tokenizer, messages).rstrip(), add_special_tokens=False)["input_ids"])
-        # tokens may merge across the prompt/answer boundary: share only what every label sequence starts with
-        shared = min(min(_common_prefix(prompt_ids, f), len(f) - 1) for f in fulls)
+        # score only where the label sequences differ: tokens they all share add the same log-probability to
+        # every label and cannot change the label probabilities (this also copes with tokens that merge across
+        # the prompt/answer boundary)
+        shared = min(min(_common_prefix(fulls[0], f), len(f) - 1) for f in fulls)
         if shared < 1:
             raise StageFailed("the chat template renders nothing before the answer; label scoring needs a prompt")
         longest = max(len(f) for f in fulls)
