@@ -47,7 +47,7 @@ def encode_for_loss(tokenizer: Any, examples: Sequence[Example], max_length: int
         if messages:
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt, _ = prompt_and_reference(tokenizer, ex)
-            full = render_chat(tokenizer, messages[:last + 1])
+            full = render_chat(tokenizer, messages[:last + 1]).rstrip()  # as trained: no loss on trailing space
             prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             ids = tokenizer(full, add_special_tokens=False)["input_ids"]
             scored = len(ids) - prompt_len
