@@ -1,8 +1,9 @@
 """Watch the inbox: a watchdog observer plus periodic rescans; report files once they are complete.
 
-A file is complete when it was moved in (atomic rename), when its writer closed it (inotify), or when
-its size and mtime stayed the same for ``stable_seconds`` (other platforms, network drives, files that
-were there before the daemon started).
+A file is complete when it was renamed in from the same folder tree or its writer closed it (inotify
+close-after-write), or when its size and mtime stayed the same for ``stable_seconds`` and (on Linux) no
+process holds it open for writing: other platforms, network drives, files moved in from elsewhere,
+files that were there before the daemon started.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class _Candidate:
     size: int
     mtime_ns: int
     changed_at: float
-    closed: bool | None  # True: close-after-write or moved in; False: being written; None: unknown
+    closed: bool  # the writer closed it (inotify close-after-write) or it was renamed in
 
 
 class InboxWatcher(FileSystemEventHandler):
@@ -77,11 +78,11 @@ class InboxWatcher(FileSystemEventHandler):
         elif isinstance(event, FileClosedEvent):
             path = Path(os.fsdecode(event.src_path))
             if self._ours(path):
-                self._note(path, closed=True if self._close_events else None)
+                self._note(path, closed=self._close_events)
         elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
             path = Path(os.fsdecode(event.src_path))
             if self._ours(path):
-                self._note(path, closed=False if self._close_events else None)
+                self._note(path, closed=False)
 
     def _ours(self, path: Path) -> bool:
         return path.parent == self.inbox and not is_ignored(path.name)
@@ -90,7 +91,7 @@ class InboxWatcher(FileSystemEventHandler):
         with self._lock:
             self._pending.pop(path, None)
 
-    def _note(self, path: Path, closed: bool | None) -> None:
+    def _note(self, path: Path, closed: bool) -> None:
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -116,7 +117,7 @@ class InboxWatcher(FileSystemEventHandler):
                 if path in self._pending:
                     continue
                 st = entry.stat()
-                self._pending[path] = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic(), None)
+                self._pending[path] = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic(), False)
                 added = True
         if added:
             self.wake.set()
@@ -124,20 +125,21 @@ class InboxWatcher(FileSystemEventHandler):
     def ready_files(self) -> list[Path]:
         """Complete files, job YAMLs first (so a job dropped with its dataset claims it), oldest first."""
         ready = self._complete_candidates()
-        if ready and any(closed is None for _, _, closed in ready):
-            busy = open_for_writing(self.inbox)  # a writer that started before we watched, or paused
+        if any(not closed for _, _, closed in ready):
+            busy = open_for_writing(self.inbox)  # a writer that paused, or started before we watched
             if busy:
+                now = time.monotonic()
                 with self._lock:
-                    for _, path, closed in ready:
-                        if path in busy:
-                            self._pending[path] = _Candidate(-1, -1, time.monotonic(), closed)
-                ready = [r for r in ready if r[1] not in busy]
+                    for changed_at, path, closed in ready:
+                        if path in busy and not closed and now - changed_at < OPEN_WRITER_TIMEOUT_S:
+                            self._pending[path] = _Candidate(-1, -1, changed_at, closed)
+                ready = [r for r in ready if r[2] or r[1] not in busy or now - r[0] >= OPEN_WRITER_TIMEOUT_S]
         ready.sort(key=lambda item: (item[1].suffix not in (".yaml", ".yml"), item[0]))
         return [path for _, path, _ in ready]
 
-    def _complete_candidates(self) -> list[tuple[float, Path, bool | None]]:
+    def _complete_candidates(self) -> list[tuple[float, Path, bool]]:
         now = time.monotonic()
-        ready: list[tuple[float, Path, bool | None]] = []
+        ready: list[tuple[float, Path, bool]] = []
         with self._lock:
             for path, cand in list(self._pending.items()):
                 try:
@@ -146,13 +148,12 @@ class InboxWatcher(FileSystemEventHandler):
                     del self._pending[path]
                     continue
                 if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
-                    cand.size, cand.mtime_ns, cand.changed_at = st.st_size, st.st_mtime_ns, now
-                    if cand.closed:
-                        cand.closed = None if not self._close_events else False
+                    if cand.size != -1:  # -1: re-armed after an open-writer check, not a change
+                        cand.changed_at, cand.closed = now, False
+                    cand.size, cand.mtime_ns = st.st_size, st.st_mtime_ns
                     continue
                 quiet = now - cand.changed_at
-                if (cand.closed is True and quiet >= SETTLE_AFTER_CLOSE_S) or (cand.closed is None and quiet >= self.settings.stable_seconds) or \
-                        (cand.closed is False and quiet >= OPEN_WRITER_TIMEOUT_S):
+                if (cand.closed and quiet >= SETTLE_AFTER_CLOSE_S) or quiet >= self.settings.stable_seconds:
                     ready.append((cand.changed_at, path, cand.closed))
                     del self._pending[path]
         return ready

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from daemon.errors import DaemonAlreadyRunning
@@ -19,16 +20,15 @@ class HomeLock:
         self.path = Path(home) / "state" / "daemon.lock"
         self._fh = None
 
-    def acquire(self) -> None:
+    def acquire(self, patience: float = 1.0) -> None:
+        """Take the lock; retry for ``patience`` seconds (a status probe may hold it for microseconds)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+", encoding="utf-8")
-        try:
-            if os.name == "nt":
-                fh.seek(0)
-                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        deadline = time.monotonic() + patience
+        while not _try_lock(fh):
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             fh.close()
             pid = read_lock_pid(self.path)
             raise DaemonAlreadyRunning(
@@ -62,14 +62,31 @@ def read_lock_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def lock_is_held(home: Path) -> bool:
-    """True when a live daemon holds the home's lock (tested by trying to take it)."""
-    lock = HomeLock(home)
-    if not lock.path.exists():
-        return False
+def _try_lock(fh) -> bool:
     try:
-        lock.acquire()
-    except DaemonAlreadyRunning:
-        return True
-    lock.release()
+        if os.name == "nt":
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def lock_is_held(home: Path) -> bool:
+    """True when a live daemon holds the home's lock; probes without writing the file."""
+    path = Path(home) / "state" / "daemon.lock"
+    try:
+        fh = open(path, "r", encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    with fh:
+        if not _try_lock(fh):
+            return True
+        if os.name == "nt":
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     return False

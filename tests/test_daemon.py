@@ -200,3 +200,12 @@ def test_sigterm_while_a_stage_runs_interrupts_and_a_restart_completes(home: Pat
     assert job["state"] == "succeeded", job["error"]
     train = job["stages"][1]["summary"]
     assert train["total_steps"] == 40 and train["resumed_from_step"] >= 3
+
+
+def test_file_moved_in_from_another_folder_is_ingested(home: Path, daemon_factory, tmp_path: Path) -> None:
+    daemon_factory().wait_ready()
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text((FIXTURES / "text.jsonl").read_text())
+    os.replace(outside, home / "inbox" / "moved.jsonl")  # inotify sees a create, never a close
+    ds = wait_for(lambda: read_store(home).all_datasets(), 10, "moved-in file ingested")
+    assert ds[0]["name"] == "moved.jsonl"
