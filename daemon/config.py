@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.errors import InvalidInput, Problem
+from daemon.jobfile import YAML12Loader
 from daemon.jobspec import JobSpec
 
 
@@ -105,7 +106,7 @@ def load_settings(home: Path) -> DaemonSettings:
 
 def _parse(path: Path) -> DaemonSettings:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=YAML12Loader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise InvalidInput(str(path), [Problem(str(exc), line=mark.line + 1 if mark else None)],

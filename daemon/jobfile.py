@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 
@@ -12,6 +13,19 @@ from daemon.errors import InvalidInput, Problem
 from daemon.jobspec import JobSpec
 
 MAX_JOB_BYTES = 1_000_000
+
+
+class YAML12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false, so keys like ``on:`` and values like ``NO``
+    (a label, a country code) stay strings instead of silently becoming True/False."""
+
+
+YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def decode_utf8(name: str, data: bytes) -> str:
@@ -44,7 +58,7 @@ def parse_job_text(text: str, name: str) -> JobSpec:
         raise InvalidInput(name, [Problem("the file is empty",
                                           fix="see configs/jobs/*.yaml for complete examples")], "empty job file")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=YAML12Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise InvalidInput(name, [Problem(
@@ -60,7 +74,7 @@ def parse_job_text(text: str, name: str) -> JobSpec:
     problems = _duplicate_keys(root)
     if problems:
         raise InvalidInput(name, problems, "duplicate keys")
-    raw = yaml.load(text, Loader=yaml.SafeLoader)
+    raw = yaml.load(text, Loader=YAML12Loader)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
@@ -191,7 +205,7 @@ def _col(node: yaml.Node | None) -> int | None:
 def key_position(text: str, dotted: str) -> tuple[int | None, int | None]:
     """(line, column) of the key ``a.b.c`` in a YAML text, or of its nearest present parent."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=YAML12Loader)
     except yaml.YAMLError:
         return None, None
     node = _key_node(root, tuple(dotted.split("."))) if root is not None else None

@@ -82,3 +82,9 @@ def test_non_utf8_job_names_the_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("example", sorted((REPO / "configs" / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_examples_validate(example: Path) -> None:
     assert isinstance(load_job_file(example), JobSpec)
+
+
+def test_yaml_11_booleans_stay_strings() -> None:
+    spec = parse_job_text("name: a\ndatasets: [d]\nnotify:\n  on: [failed]\nevaluate:\n  critical_label: NO\n",
+                          "job.yaml")
+    assert spec.notify.on == ["failed"] and spec.evaluate.critical_label == "NO"
