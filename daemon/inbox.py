@@ -23,6 +23,15 @@ from watchdog.observers import Observer
 from daemon.config import WatchSettings
 
 log = logging.getLogger(__name__)
+
+if sys.platform.startswith("linux"):
+    from watchdog.observers import inotify_move_event_grouper
+
+    # watchdog holds every unpaired IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and its queue
+    # is FIFO, so each of our own claims (a rename out of the inbox) delayed every later event by 0.5 s.
+    # Both halves of a rename arrive in one read from the kernel, so a short wait still pairs them.
+    inotify_move_event_grouper.InotifyMoveEventGrouper.delay = 0.02
+
 IGNORED = ("*.tmp", "*.part", "*.crdownload", "~*", ".*", "*.swp", "*~")
 # a writer that keeps a file open without writing for this long is presumed gone
 OPEN_WRITER_TIMEOUT_S = 600.0
