@@ -19,9 +19,9 @@ class Strict(BaseModel):
 class SplitSpec(Strict):
     """Fractions of rows per split; assignment is by content hash, so it is stable when rows are appended."""
 
-    train: float = Field(0.8, ge=0, le=1)
-    val: float = Field(0.1, ge=0, le=1)
-    test: float = Field(0.1, ge=0, le=1)
+    train: float = Field(0.8, ge=0, le=1, description="Share of rows for training.")
+    val: float = Field(0.1, ge=0, le=1, description="Share for validation (eval loss, temperature fit).")
+    test: float = Field(0.1, ge=0, le=1, description="Share held out for the evaluate stage.")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitSpec":
@@ -32,8 +32,8 @@ class SplitSpec(Strict):
 
 
 class PrepareSpec(Strict):
-    split: SplitSpec = SplitSpec()
-    shuffle: bool = True
+    split: SplitSpec = Field(SplitSpec(), description="train/val/test fractions; must add up to 1.")
+    shuffle: bool = Field(True, description="Shuffle rows by `seed` (before `max_rows`).")
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after shuffling).")
 
 
@@ -42,28 +42,29 @@ class AugmentSpec(Strict):
 
     multiplier: int = Field(1, ge=1, le=20, description="Target size as a multiple of the original rows.")
     techniques: list[Literal["style_transfer", "scenario", "relationship", "hard_negative"]] = Field(
-        default_factory=lambda: ["style_transfer", "scenario", "relationship"]
-    )
-    styles: list[str] = Field(default_factory=list)
-    dedup: bool = True
-    min_quality: float = Field(0.0, ge=0, le=1)
+        default_factory=lambda: ["style_transfer", "scenario", "relationship"],
+        description="Augmentation techniques to apply.")
+    styles: list[str] = Field(default_factory=list, description="Target styles for style transfer.")
+    dedup: bool = Field(True, description="Drop near-duplicate generated rows.")
+    min_quality: float = Field(0.0, ge=0, le=1, description="Drop generated rows scoring below this quality.")
 
 
 class LoraSpec(Strict):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["auto"] | list[str] = "auto"
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank (reference setup for 3.8B models: 64).")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha (commonly 2 x r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="`auto` = every linear projection of the decoder blocks, or a list of module names.")
 
 
 class CheckpointSpec(Strict):
-    interval_seconds: float = Field(180, gt=0)
-    keep: int = Field(5, ge=1)
+    interval_seconds: float = Field(180, gt=0, description="Rolling checkpoint at the next step boundary after this many seconds.")
+    keep: int = Field(5, ge=1, description="Rolling checkpoints kept; epoch-end and final ones are always kept.")
     every_steps: int | None = Field(None, ge=1, description="Also checkpoint every N optimizer steps.")
 
 
 class ProgressLogSpec(Strict):
-    interval_seconds: float = Field(180, gt=0)
+    interval_seconds: float = Field(180, gt=0, description="Write progress_logs/progress_<UTC>.json this often.")
 
 
 class MonitorSpec(Strict):
@@ -73,35 +74,39 @@ class MonitorSpec(Strict):
 class LossWeights(Strict):
     """Weights of the loss terms; rows carry their kind in metadata (augmentation sets it)."""
 
-    generation: float = Field(1.0, ge=0)
-    style: float = Field(0.0, ge=0)
-    relationship: float = Field(0.0, ge=0)
-    contrastive: float = Field(0.0, ge=0)
+    generation: float = Field(1.0, ge=0, description="Weight of the ordinary next-token loss.")
+    style: float = Field(0.0, ge=0, description="Weight of style-transfer rows (from augmentation).")
+    relationship: float = Field(0.0, ge=0, description="Weight of relationship-variant rows.")
+    contrastive: float = Field(0.0, ge=0, description="Weight of the contrastive (hard-negative) term.")
 
 
 class TrainSpec(Strict):
-    method: Literal["lora", "qlora", "auto"] = "lora"
-    bits: Literal[4, 8] = 4
-    lora: LoraSpec = LoraSpec()
-    epochs: float = Field(1.0, gt=0)
+    method: Literal["lora", "qlora", "auto"] = Field(
+        "lora", description="`qlora` needs CUDA; `auto` picks QLoRA only when bf16 LoRA would not fit.")
+    bits: Literal[4, 8] = Field(4, description="QLoRA bits: 4 = NF4 with double quantisation, or 8.")
+    lora: LoraSpec = Field(LoraSpec(), description="LoRA adapter shape.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set.")
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_seq_length: int = Field(1024, ge=16)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: Literal["auto"] | bool = "auto"
-    eval_every_steps: int | None = Field(None, ge=1)
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    checkpoint: CheckpointSpec = CheckpointSpec()
-    progress_log: ProgressLogSpec = ProgressLogSpec()
-    monitor: MonitorSpec = MonitorSpec()
-    loss_weights: LossWeights = LossWeights()
-    tensorboard: bool = False
+    batch_size: int = Field(4, ge=1, description="Rows per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_length: int = Field(1024, ge=16, description="Tokens per row; longer rows are cut (prompt first).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="`auto` = bf16 where the GPU supports it, fp32 on CPU.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="`auto` = only when the memory estimate needs it.")
+    eval_every_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (also at epoch ends).")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`; the daemon assigns a free GPU.")
+    checkpoint: CheckpointSpec = Field(CheckpointSpec(), description="Checkpoint timing and retention.")
+    progress_log: ProgressLogSpec = Field(ProgressLogSpec(), description="Progress log timing.")
+    monitor: MonitorSpec = Field(MonitorSpec(), description="Parameter-update monitor.")
+    loss_weights: LossWeights = Field(LossWeights(), description="Weights of loss terms by row kind.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
 
     @field_validator("device")
     @classmethod
@@ -112,79 +117,86 @@ class TrainSpec(Strict):
 
 
 class WinnerRule(Strict):
-    alpha: float = Field(0.05, gt=0, lt=1)
-    critical_recall_may_drop: bool = False
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the McNemar test.")
+    critical_recall_may_drop: bool = Field(False, description="Allow a win even if the critical label's recall drops.")
     against: Literal["base", "previous"] = Field(
         "base", description="Reference model; 'previous' falls back to base when there is no previous version.")
 
 
 class EvaluateSpec(Strict):
-    mode: Literal["likelihood", "generate", "both"] = "likelihood"
-    critical_label: str | None = "REFUSE"
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
-    max_examples: int | None = Field(None, gt=0)
-    compare_base: bool = True
-    bootstrap_samples: int = Field(1000, ge=100)
-    winner_rule: WinnerRule = WinnerRule()
+    mode: Literal["likelihood", "generate", "both"] = Field(
+        "likelihood", description="Classification scoring: label likelihood, parse generated <final>, or both.")
+    critical_label: str | None = Field("REFUSE", description="Label whose recall must not drop; null for none.")
+    batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
+    max_new_tokens: int = Field(128, ge=1, description="Generation length (generate/both, samples).")
+    max_examples: int | None = Field(None, gt=0, description="Evaluate at most this many test rows.")
+    compare_base: bool = Field(True, description="Also evaluate the base model for the A/B test.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% confidence intervals.")
+    winner_rule: WinnerRule = Field(WinnerRule(), description="When the tuned model counts as the winner.")
     samples: int = Field(5, ge=0, description="Sample generations shown side by side in the report.")
     latency_examples: int = Field(50, ge=1, description="Test examples timed one at a time for latency p50/p95.")
 
 
 class OllamaSpec(Strict):
-    create: Literal["auto", "always", "never"] = "auto"
-    system: str | None = None
+    create: Literal["auto", "always", "never"] = Field(
+        "auto", description="Run `ollama create`: when Ollama is there, always (fail without it), or never.")
+    system: str | None = Field(None, description="Optional SYSTEM line in the Modelfile.")
 
 
 class ExportSpec(Strict):
-    merged: bool = True
-    gguf: list[Literal["f16", "bf16", "q8_0", "q4_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
-    ollama: OllamaSpec = OllamaSpec()
-    only_if_winner: bool = False
-    verify_prompts: list[str] = Field(default_factory=lambda: ["Hello", "The capital of France is"])
+    merged: bool = Field(True, description="Keep the merged safetensors model.")
+    gguf: list[Literal["f16", "bf16", "q8_0", "q4_0"]] = Field(
+        default_factory=lambda: ["f16", "q8_0"], description="GGUF files to write; [] for none.")
+    ollama: OllamaSpec = Field(OllamaSpec(), description="Ollama Modelfile and model creation.")
+    only_if_winner: bool = Field(False, description="Skip export unless evaluate declared the tuned model the winner.")
+    verify_prompts: list[str] = Field(
+        default_factory=lambda: ["Hello", "The capital of France is"],
+        description="Prompts on which GGUF logits are compared with the merged model.")
 
 
 class NotifySpec(Strict):
     on: list[Literal["succeeded", "failed", "interrupted", "waiting", "exported"]] = Field(
-        default_factory=lambda: ["succeeded", "failed", "interrupted", "waiting", "exported"]
-    )
-    speak: bool = False
+        default_factory=lambda: ["succeeded", "failed", "interrupted", "waiting", "exported"],
+        description="Job events that notify (backends are chosen in daemon.yaml).")
+    speak: bool = Field(False, description="Also speak the notification (where a speech backend exists).")
 
 
 class SweepParam(Strict):
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list[str | int | float | bool] | None = None
+    type: Literal["float", "int", "categorical"] = Field(..., description="Kind of search space.")
+    low: float | None = Field(None, description="Lower bound (float/int).")
+    high: float | None = Field(None, description="Upper bound (float/int).")
+    log: bool = Field(False, description="Sample on a log scale.")
+    choices: list[str | int | float | bool] | None = Field(None, description="Values (categorical).")
 
 
 class SweepSpec(Strict):
-    trials: int = Field(10, ge=1)
-    metric: str = "eval_loss"
-    direction: Literal["minimize", "maximize"] = "minimize"
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
-    pruner: Literal["median", "none"] = "median"
+    trials: int = Field(10, ge=1, description="Number of trials.")
+    metric: str = Field("eval_loss", description="Stage summary value to optimise (e.g. eval_loss, macro_f1).")
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="Optimisation direction.")
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler.")
+    pruner: Literal["median", "none"] = Field("median", description="Optuna pruner.")
     storage: str | None = Field(None, description="RDB URL; default sqlite at state/optuna.db")
     params: dict[str, SweepParam] = Field(default_factory=dict, description="Dotted key path -> search space.")
 
 
 class JobSpec(Strict):
-    name: str = Field(..., min_length=1, max_length=64)
-    kind: Literal["pipeline", "sweep"] = "pipeline"
-    datasets: list[str] = Field(..., min_length=1)
-    base_model: str = "builtin:tiny"
+    name: str = Field(..., min_length=1, max_length=64,
+                      description="Job and model name (letters, digits, `.`, `_`, `-`); versions count up per name.")
+    kind: Literal["pipeline", "sweep"] = Field("pipeline", description="`sweep` runs the stages per Optuna trial.")
+    datasets: list[str] = Field(..., min_length=1,
+                                description="Dropped datasets: file names, names without .jsonl, globs, or sha256 prefixes.")
+    base_model: str = Field("builtin:tiny", description="Local model folder, hub id, or `builtin:tiny`.")
     stages: list[Literal["prepare", "augment", "train", "evaluate", "export"]] = Field(
-        default_factory=lambda: ["prepare", "train", "evaluate", "export"]
-    )
-    seed: int = 42
-    prepare: PrepareSpec = PrepareSpec()
-    augment: AugmentSpec = AugmentSpec()
-    train: TrainSpec = TrainSpec()
-    evaluate: EvaluateSpec = EvaluateSpec()
-    export: ExportSpec = ExportSpec()
-    notify: NotifySpec = NotifySpec()
-    sweep: SweepSpec | None = None
+        default_factory=lambda: ["prepare", "train", "evaluate", "export"],
+        description="Stages in pipeline order; `prepare` is always run first.")
+    seed: int = Field(42, description="Seed for shuffling, initialisation and data order.")
+    prepare: PrepareSpec = Field(PrepareSpec(), description="Splitting and shuffling.")
+    augment: AugmentSpec = Field(AugmentSpec(), description="Augmentation (augment stage).")
+    train: TrainSpec = Field(TrainSpec(), description="Fine-tuning.")
+    evaluate: EvaluateSpec = Field(EvaluateSpec(), description="Evaluation and A/B test.")
+    export: ExportSpec = Field(ExportSpec(), description="Export formats.")
+    notify: NotifySpec = Field(NotifySpec(), description="Which of this job's events notify you.")
+    sweep: SweepSpec | None = Field(None, description="Search space and objective (kind: sweep).")
 
     @field_validator("name")
     @classmethod

@@ -88,3 +88,10 @@ def test_yaml_11_booleans_stay_strings() -> None:
     spec = parse_job_text("name: a\ndatasets: [d]\nnotify:\n  on: [failed]\nevaluate:\n  critical_label: NO\n",
                           "job.yaml")
     assert spec.notify.on == ["failed"] and spec.evaluate.critical_label == "NO"
+
+
+def test_readme_job_reference_matches_the_schema() -> None:
+    from daemon.schemadoc import readme_section, render
+
+    assert readme_section((REPO / "README.md").read_text(encoding="utf-8")) == render(), \
+        "README job reference is stale: run python -m daemon.schemadoc --write"
