@@ -1,17 +1,19 @@
 """Checks of a job against this machine, run at ingest (torch-free), so a job that cannot run is
-rejected with the fix before anything starts."""
+rejected with the fix before anything starts. The stage-specific rules live with their stages."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from daemon.errors import Problem
 from daemon.jobspec import JobSpec
+from handlers.export.support import check_export_requirements
 from handlers.registry import STAGES
+from handlers.train.requirements import check_train_requirements
 
-# Architectures the export stage writes as GGUF (keep in step with handlers/export).
-GGUF_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"}
+_KEY_PREFIX = re.compile(r"^((?:train|export|evaluate)\.[a-z_.]+): ")
 
 
 def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
@@ -24,33 +26,31 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
     if spec.kind == "sweep":
         problems.append(Problem("sweeps are not available in this trainbox version", key="kind",
                                 fix="remove 'kind: sweep' and the 'sweep:' section to run one configuration"))
-    if spec.train.method == "qlora" and "train" in spec.stages:
-        if gpu_count == 0:
-            problems.append(Problem("QLoRA needs a CUDA GPU and this machine has none", key="train.method",
-                                    fix="use 'method: lora' (runs on the CPU) or 'method: auto'"))
-        elif importlib.util.find_spec("bitsandbytes") is None:
+    if "train" in spec.stages:
+        problems += [_problem(msg, "train") for msg in check_train_requirements(spec.train, gpu_count > 0)]
+        if spec.train.method == "qlora" and gpu_count and importlib.util.find_spec("bitsandbytes") is None:
             problems.append(Problem("QLoRA needs bitsandbytes, which is not installed", key="train.method",
                                     fix="pip install 'trainbox[gpu]'"))
-    if spec.train.device.startswith("cuda") and gpu_count == 0:
-        problems.append(Problem(f"device {spec.train.device} requested but this machine has no CUDA GPU",
-                                key="train.device", fix="use 'device: auto' or 'device: cpu'"))
-    problems += _check_export_architecture(spec)
+    if "export" in spec.stages:
+        problems += _export_problems(spec)
     return problems
 
 
-def _check_export_architecture(spec: JobSpec) -> list[Problem]:
-    if "export" not in spec.stages or not spec.export.gguf:
-        return []
+def _problem(message: str, default_key: str) -> Problem:
+    """A stage check's message as a Problem whose key locates the line in the job file."""
+    match = _KEY_PREFIX.match(message)
+    if match:
+        return Problem(message[match.end():], key=match.group(1))
+    return Problem(message, key=default_key)
+
+
+def _export_problems(spec: JobSpec) -> list[Problem]:
     config = Path(spec.base_model) / "config.json"
     if not config.is_file():
         return []  # builtin:tiny is a Llama; hub ids are checked when the export stage loads them
     try:
-        archs = set(json.loads(config.read_text(encoding="utf-8")).get("architectures") or [])
+        data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         return [Problem(f"cannot read {config}: {exc}", key="base_model",
                         fix="point base_model at a complete Hugging Face model folder")]
-    if archs and not archs & GGUF_ARCHITECTURES:
-        return [Problem(f"GGUF export does not support {', '.join(sorted(archs))}", key="export.gguf",
-                        fix=f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}; or set 'gguf: []' "
-                            "to export only the merged model")]
-    return []
+    return [_problem(msg, "export.gguf") for msg in check_export_requirements(data, spec.export)]

@@ -144,7 +144,17 @@ def test_invalid_job_is_rejected_with_location(ingestor: Ingestor) -> None:
 def test_qlora_without_cuda_is_rejected_at_ingest(ingestor: Ingestor) -> None:
     put(ingestor, "q.yaml", "name: q\ndatasets: [d]\ntrain:\n  method: qlora\n")
     text = only_rejection(ingestor)
-    assert "q.yaml:4:3: train.method: QLoRA needs a CUDA GPU" in text and "method: lora" in text
+    assert "q.yaml:4:3: train.method: qlora needs an NVIDIA GPU with CUDA" in text
+    assert "set train.method: lora" in text
+
+
+def test_unsupported_export_architecture_is_rejected_at_ingest(ingestor: Ingestor, tmp_path: Path) -> None:
+    model = tmp_path / "gpt2-folder"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    put(ingestor, "g.yaml", f"name: g\ndatasets: [d]\nbase_model: {model}\n")
+    text = only_rejection(ingestor)
+    assert "GGUF export does not support GPT2LMHeadModel" in text and "Phi3ForCausalLM" in text
 
 
 def test_unavailable_stage_is_rejected(ingestor: Ingestor) -> None:
