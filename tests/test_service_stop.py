@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import sys
@@ -50,8 +51,12 @@ def test_service_stop_checkpoints_the_running_stage_and_releases_the_lock(home, 
     assert not lock_is_held(home)
     stored = read_store(home).job(job["id"])
     assert stored["state"] == "interrupted", stored
-    manifests = [json.loads(p.read_text()) for p in (home / "jobs" / job["id"] / "train").rglob("manifest.json")]
-    assert any(m.get("kind") == "emergency" for m in manifests), manifests
+    train_dir = home / "jobs" / job["id"] / "train"
+    manifests = [json.loads(p.read_text()) for p in train_dir.rglob("manifest.json")]
+    stopped_at = int(re.search(r"stopped at step (\d+)/", (train_dir / "stage.log").read_text()).group(1))
+    # the stop saved the last trained step: as an emergency checkpoint, or by reusing an epoch-end one
+    # written at that same step a moment earlier
+    assert any(m["step"] == stopped_at and m["kind"] in ("emergency", "epoch") for m in manifests), manifests
     assert "trainbox stopped" in (home / "logs" / "daemon.log").read_text()
 
 

@@ -14,6 +14,7 @@ from conftest import drop, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXIT_MARK = "trainbox-top-exit="
 JOB = """name: toplive
 datasets: pc.jsonl
 stages: [prepare, train]
@@ -43,9 +44,10 @@ class Pane:
 
     def __init__(self, tmux: str, command: list[str]):
         self.base = [tmux, "-L", f"trainbox-test-{os.getpid()}"]
-        subprocess.run(self.base + ["new-session", "-d", "-s", "top", "-x", "80", "-y", "24",
-                                    " ".join(map(_quote, command)), ";", "set-option", "-t", "top",
-                                    "remain-on-exit", "on"], check=True, cwd=REPO)
+        # the shell prints the exit status: tmux's #{pane_dead_status} is not always filled in (tmux 3.3)
+        shell = " ".join(map(_quote, command)) + f"; echo {EXIT_MARK}$?; sleep 600"
+        subprocess.run(self.base + ["new-session", "-d", "-s", "top", "-x", "80", "-y", "24", shell],
+                       check=True, cwd=REPO)
 
     def text(self) -> str:
         return subprocess.run(self.base + ["capture-pane", "-p", "-t", "top"], capture_output=True, text=True,
@@ -55,10 +57,9 @@ class Pane:
         subprocess.run(self.base + ["send-keys", "-t", "top", "C-c"], check=True)
 
     def exit_status(self) -> int | None:
-        """The exit status of the pane's command once it ended (the pane is kept), else None."""
-        out = subprocess.run(self.base + ["display-message", "-p", "-t", "top", "#{pane_dead} #{pane_dead_status}"],
-                             capture_output=True, text=True, check=True).stdout.split()
-        return int(out[1]) if out and out[0] == "1" else None
+        """The exit status of the command once it ended (printed by the shell around it), else None."""
+        found = re.search(rf"{EXIT_MARK}(\d+)", self.text())
+        return int(found.group(1)) if found else None
 
     def close(self) -> None:
         subprocess.run(self.base + ["kill-server"], capture_output=True)
