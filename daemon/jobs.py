@@ -72,6 +72,7 @@ def job_view(doc: dict[str, Any]) -> dict[str, Any]:
         "created_at": doc["created_at"],
         "updated_at": doc["updated_at"],
         "datasets": doc.get("datasets", []),
+        "dataset_patterns": doc["spec"].get("datasets", []),
         "base_model": doc["spec"].get("base_model"),
         "source": doc.get("source"),
         "attempts": doc.get("attempts", 0),

@@ -147,6 +147,9 @@ def job_panel(job: dict[str, Any]) -> Panel:
     head = Text.assemble(("state ", "bold"), state_text(job["state"]), f"   datasets {len(job['datasets'])}",
                          f"   base {job.get('base_model')}", f"   device {job.get('device') or '-'}")
     parts: list[Any] = [head, stages]
+    if job["state"] == "waiting":
+        parts.append(Text("waiting for a dataset matching: " + ", ".join(job.get("dataset_patterns") or []),
+                          style="yellow"))
     if job.get("progress"):
         parts.append(progress_line(job["progress"], 60))
     if job.get("error"):

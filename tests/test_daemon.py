@@ -129,7 +129,8 @@ def test_cancel_and_retry_through_the_running_daemon(home: Path, daemon_factory)
     daemon_factory().wait_ready()
     drop(home / "inbox", "w.yaml", "name: waits\ndatasets: [nothing_yet]\nstages: [prepare]\n")
     job = wait_for(lambda: jobs_json(home), 10, "job")[0]
-    assert job["state"] == "waiting"
+    assert job["state"] == "waiting" and job["dataset_patterns"] == ["nothing_yet"]
+    assert "waiting for a dataset matching: nothing_yet" in cli(home, "show", "waits").stdout
     assert cli(home, "cancel", job["id"]).returncode == 0
     wait_for(lambda: jobs_json(home)[0]["state"] == "cancelled", 10, "cancelled")
     again = cli(home, "cancel", "waits")
