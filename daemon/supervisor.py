@@ -259,7 +259,8 @@ class Supervisor:
                 continue
             kind, message = event.pop("kind", "stage_event"), event.pop("message", "")
             self.store.add_event(kind, message, job_id=run.job_id, **event)
-            self.notify(kind, f"trainbox: {kind.replace('_', ' ')}", message, job_id=run.job_id)
+            if kind in self.settings.notify.events:  # e.g. resource_warning; others are only recorded
+                self.notify(kind, kind.replace("_", " "), message, job_id=run.job_id)
 
     # job ends -------------------------------------------------------------
     def _finish(self, job_id: str, state: str, error: str | None = None) -> None:

@@ -56,6 +56,10 @@ def test_only_if_winner_skips_a_loser(tmp_path):
     ctx = F.export_context(tmp_path, Path(base), export={"only_if_winner": True}, evaluate={"winner": False})
     result = export.run(ctx)
     assert result.skipped and "did not beat" in result.message
+    reason = "against the previous model: accuracy gain +0.010 is not significant"
+    ctx = F.export_context(tmp_path / "again", Path(base), export={"only_if_winner": True},
+                           evaluate={"winner": False, "winner_reason": reason})
+    assert reason in export.run(ctx).message
     assert not (ctx.stage_dir / "model").exists()
 
 

@@ -36,7 +36,8 @@ def _skip_reason(ctx: StageContext) -> str | None:
         return None
     if "winner" not in summary:
         return "export.only_if_winner is set but no evaluate result names a winner; nothing exported"
-    return "export.only_if_winner is set and the fine-tuned model did not beat the base model; nothing exported"
+    why = summary.get("winner_reason") or "the fine-tuned model did not beat its reference"
+    return f"export.only_if_winner is set and the model is not the winner ({why}); nothing exported"
 
 
 def _verify_prompts(ctx: StageContext, tokenizer: Any) -> list[str]:
