@@ -78,7 +78,7 @@ def latency(mode: str, drops: int) -> list[float]:
                     fh.write(body)
             t0 = time.monotonic()
             store = Store.for_home(home, readonly=True)
-            t1 = wait_until(lambda: len(store.jobs) == i + 1)
+            t1 = wait_until(lambda store=store, n=i + 1: len(store.jobs) == n)
             out.append(t1 - t0)
         stop_daemon(proc)
     return out

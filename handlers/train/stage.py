@@ -60,7 +60,7 @@ def split_file(ctx: StageContext, name: str) -> Path:
         return ctx.input_artifact("prepare", name)
     except KeyError:
         if "prepare" not in ctx.stage_dirs:
-            raise StageFailed("the train stage reads the prepare stage's splits; add prepare to the job's stages")
+            raise StageFailed("the train stage reads the prepare stage's splits; add prepare to the job's stages") from None
         return ctx.input_dir("prepare") / "splits" / f"{name}.jsonl"
 
 
