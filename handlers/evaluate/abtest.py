@@ -1,7 +1,7 @@
 """Paired A/B statistics on one test split: exact McNemar, bootstrap CIs, latency change, the winner rule."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.stats import binomtest, wilcoxon
@@ -84,6 +84,16 @@ def compare_losses(ref_losses: Sequence[float], new_losses: Sequence[float]) -> 
     p_value = float(wilcoxon(new, ref).pvalue) if differs and len(ref) > 1 else 1.0
     return {"wilcoxon_p_value": p_value, "mean_loss": {"ref": float(ref.mean()), "new": float(new.mean())},
             "new_better_fraction": float((new < ref).mean())}
+
+
+def judge(comparisons: dict[str, Any], against: str,
+          decide: Callable[[dict[str, Any]], tuple[bool, str]]) -> tuple[str | None, bool | None, str]:
+    """(reference, winner, reason): apply ``decide`` to the comparison with the chosen reference model."""
+    reference = choose_reference(comparisons, against)
+    if reference is None:
+        return None, None, NO_REFERENCE
+    winner, reason = decide(comparisons[reference])
+    return reference, winner, f"against the {reference} model: {reason}"
 
 
 def decide_winner(comparison: dict[str, Any], alpha: float, critical_recall_may_drop: bool,

@@ -134,13 +134,9 @@ def evaluate_classification(ctx: Any, models: EvalModels, test: Sequence[Example
                                                    spec.bootstrap_samples, ctx.job.seed)
                    for ref in (BASE, PREVIOUS) if ref in per_model}
     rule = spec.winner_rule
-    reference = abtest.choose_reference(comparisons, rule.against)
-    if reference is None:
-        winner, reason = None, abtest.NO_REFERENCE
-    else:
-        winner, reason = abtest.decide_winner(comparisons[reference], rule.alpha, rule.critical_recall_may_drop,
-                                              spec.critical_label)
-        reason = f"against the {reference} model: {reason}"
+    reference, winner, reason = abtest.judge(
+        comparisons, rule.against,
+        lambda c: abtest.decide_winner(c, rule.alpha, rule.critical_recall_may_drop, spec.critical_label))
     log.info("winner: %s (%s)", winner, reason)
     return {"task": "classification", "labels": labels, "y_true": y, "ids": [ex.id for ex in test],
             "models": per_model, "calibration": calib, "comparisons": comparisons, "winner": winner,

@@ -123,12 +123,8 @@ def evaluate_generation(ctx: Any, models: Any, test: Sequence[Example]) -> dict[
                                               per_model[TUNED]["metrics"]["per_example"])
                    for ref in (BASE, PREVIOUS) if ref in per_model}
     rule = spec.winner_rule
-    reference = abtest.choose_reference(comparisons, rule.against)
-    if reference is None:
-        winner, reason = None, abtest.NO_REFERENCE
-    else:
-        winner, reason = abtest.decide_loss_winner(comparisons[reference], rule.alpha)
-        reason = f"against the {reference} model: {reason}"
+    reference, winner, reason = abtest.judge(comparisons, rule.against,
+                                             lambda c: abtest.decide_loss_winner(c, rule.alpha))
     log.info("winner: %s (%s)", winner, reason)
     return {"task": "generation", "models": per_model, "samples": samples, "comparisons": comparisons,
             "winner": winner, "winner_reason": reason, "reference": reference, "skipped": models.skipped}
