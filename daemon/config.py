@@ -5,11 +5,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from daemon.errors import InvalidInput, Problem
-from daemon.jobfile import YAML12Loader
+from daemon.jobfile import decode_utf8, parse_yaml_model
 from daemon.jobspec import JobSpec
 
 
@@ -105,16 +103,5 @@ def load_settings(home: Path) -> DaemonSettings:
 
 
 def _parse(path: Path) -> DaemonSettings:
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=YAML12Loader) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InvalidInput(str(path), [Problem(str(exc), line=mark.line + 1 if mark else None)],
-                           "not valid YAML") from None
-    try:
-        return DaemonSettings.model_validate(raw)
-    except ValidationError as exc:
-        problems = [Problem(e["msg"], key=".".join(map(str, e["loc"])),
-                            fix="see the commented configs/daemon.yaml for allowed keys and values")
-                    for e in exc.errors()]
-        raise InvalidInput(str(path), problems, "invalid daemon settings") from None
+    return parse_yaml_model(decode_utf8(str(path), path.read_bytes()), str(path), DaemonSettings,
+                            examples="the commented configs/daemon.yaml")

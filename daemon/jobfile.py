@@ -54,9 +54,20 @@ def load_job_file(path: Path, name: str | None = None) -> JobSpec:
 
 
 def parse_job_text(text: str, name: str) -> JobSpec:
+    return parse_yaml_model(text, name, JobSpec, examples="configs/jobs/*.yaml")
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def parse_yaml_model(text: str, name: str, schema: type[M], examples: str) -> M:
+    """Parse YAML ``text`` into the pydantic ``schema``; InvalidInput carries line, column, key and fix.
+
+    ``examples`` names the commented example files that fixes point to.
+    """
     if not text.strip():
         raise InvalidInput(name, [Problem("the file is empty",
-                                          fix="see configs/jobs/*.yaml for complete examples")], "empty job file")
+                                          fix=f"see {examples} for complete examples")], "empty file")
     try:
         root = yaml.compose(text, Loader=YAML12Loader)
     except yaml.YAMLError as exc:
@@ -68,17 +79,17 @@ def parse_job_text(text: str, name: str) -> JobSpec:
             "not valid YAML") from None
     if not isinstance(root, yaml.MappingNode):
         line = root.start_mark.line + 1 if root is not None else None
-        raise InvalidInput(name, [Problem("the top level must be a mapping of keys (name:, datasets:, ...)",
-                                          line=line, fix="start with 'name: my-job' on the first line")],
-                           "not a job mapping")
+        raise InvalidInput(name, [Problem("the top level must be a mapping of keys (key: value lines)",
+                                          line=line, fix=f"see {examples} for the layout")],
+                           "not a mapping")
     problems = _duplicate_keys(root)
     if problems:
         raise InvalidInput(name, problems, "duplicate keys")
     raw = yaml.load(text, Loader=YAML12Loader)
     try:
-        return JobSpec.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidInput(name, [_problem_from_error(err, root) for err in exc.errors()],
+        raise InvalidInput(name, [_problem_from_error(err, root, schema, examples) for err in exc.errors()],
                            f"{exc.error_count()} problem(s) in the job") from None
 
 
@@ -127,9 +138,9 @@ def _key_node(root: yaml.Node, loc: tuple) -> yaml.Node | None:
     return None
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the keys at ``loc`` (for did-you-mean hints)."""
-    model: type[BaseModel] | None = JobSpec
+    model: type[BaseModel] | None = schema
     for part in loc:
         if model is None or isinstance(part, int):
             continue
@@ -150,13 +161,13 @@ def _find_model(annotation: object) -> type[BaseModel] | None:
     return None
 
 
-def _problem_from_error(err: dict, root: yaml.Node) -> Problem:
+def _problem_from_error(err: dict, root: yaml.Node, schema: type[BaseModel], examples: str) -> Problem:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and p.endswith("]")))
     key = _dotted(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         node = _key_node(root, loc)
-        owner = _model_at(loc[:-1])
+        owner = _model_at(schema, loc[:-1])
         choices = sorted(owner.model_fields) if owner else []
         close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
         fix = f"did you mean {_dotted(loc[:-1] + (close[0],))}?" if close else (
@@ -165,7 +176,7 @@ def _problem_from_error(err: dict, root: yaml.Node) -> Problem:
     if kind == "missing":
         parent, _ = _node_at(root, loc[:-1])
         return Problem("is required but missing", line=_line(parent), key=key,
-                       fix=f"add '{loc[-1]}:' (see configs/jobs/ for examples)")
+                       fix=f"add '{loc[-1]}:' (see {examples})")
     node, found = _node_at(root, loc)
     msg = err["msg"]
     if msg.startswith("Value error, "):

@@ -67,8 +67,8 @@ def test_stage_order_and_split_sum() -> None:
 
 
 def test_empty_and_non_mapping_files() -> None:
-    assert errors_of("").summary == "empty job file"
-    assert errors_of("- a\n- b\n").summary == "not a job mapping"
+    assert errors_of("").summary == "empty file"
+    assert errors_of("- a\n- b\n").summary == "not a mapping"
 
 
 def test_non_utf8_job_names_the_line(tmp_path: Path) -> None:
@@ -95,3 +95,14 @@ def test_readme_job_reference_matches_the_schema() -> None:
 
     assert readme_section((REPO / "README.md").read_text(encoding="utf-8")) == render(), \
         "README job reference is stale: run python -m daemon.schemadoc --write"
+
+
+def test_daemon_settings_errors_are_located_too(tmp_path: Path) -> None:
+    from daemon.config import load_settings
+
+    (tmp_path / "daemon.yaml").write_text("watch:\n  rescan_secnds: 2\nconcurrency:\n  cpu_jobs: -1\n")
+    with pytest.raises(InvalidInput) as info:
+        load_settings(tmp_path)
+    text = info.value.render()
+    assert "daemon.yaml:2:3: watch.rescan_secnds: is not a field" in text
+    assert "did you mean watch.rescan_seconds?" in text and "daemon.yaml:4:13: concurrency.cpu_jobs" in text
