@@ -41,6 +41,7 @@ class Ingestor:
         self.settings = settings
         self.gpu_count = gpu_count
         self.notify = notify
+        self._refused: set[Path] = set()
 
     # claiming -------------------------------------------------------------
     def ingest(self, path: Path) -> None:
@@ -50,6 +51,13 @@ class Ingestor:
             move_durably(path, claim)
         except FileNotFoundError:
             return  # gone already (moved away by the user)
+        except PermissionError as exc:
+            # Windows: a writer still holds the file; elsewhere: not ours to move. The next rescan retries.
+            if path not in self._refused:
+                log.warning("cannot take %s from the inbox yet (%s); retrying on each rescan", path.name, exc)
+                self._refused.add(path)
+            return
+        self._refused.discard(path)
         self.process_claim(claim)
 
     def recover(self) -> None:
@@ -78,6 +86,10 @@ class Ingestor:
                     fix="drop datasets as .jsonl (JSON Lines) and jobs as .yaml/.yml")], "unsupported file type")
         except InvalidInput as exc:
             self.reject(claim, name, exc.render())
+        except Exception as exc:  # a bug must not stop the daemon or loop on restart: set the file aside
+            log.exception("internal error while ingesting %s", name)
+            self.reject(claim, name, f"{name}: trainbox failed while reading this file ({exc!r}). The file is "
+                                     "kept here unchanged; please report this with the daemon log.")
 
     # rejection ------------------------------------------------------------
     def reject(self, claim: Path, name: str, reason: str) -> Path:

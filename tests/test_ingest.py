@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,30 @@ def test_resolve_datasets_by_name_stem_glob_and_hash() -> None:
     assert sorted(resolve_datasets(["b_*.jsonl"], ds)) == ["2" * 64, "3" * 64]
     assert resolve_datasets(["11111111"], ds) == ["1" * 64]
     assert resolve_datasets(["a", "missing"], ds) is None
+
+
+def test_a_file_that_cannot_be_claimed_yet_stays_and_is_retried(ingestor: Ingestor, monkeypatch) -> None:
+    locked = ingestor.layout.inbox / "busy.jsonl"
+    locked.write_bytes((FIXTURES / "text.jsonl").read_bytes())
+    real_replace = os.replace
+
+    def windows_like_replace(src, dst):  # what Windows says while a writer still has the file open
+        raise PermissionError(13, "The process cannot access the file because it is being used", str(src))
+    monkeypatch.setattr(os, "replace", windows_like_replace)
+    ingestor.ingest(locked)
+    assert locked.exists() and not ingestor.store.all_datasets() and not rejected_files(ingestor.layout)
+    monkeypatch.setattr(os, "replace", real_replace)
+    ingestor.ingest(locked)  # the next rescan offers it again
+    assert not locked.exists() and len(ingestor.store.all_datasets()) == 1
+
+
+def test_an_unexpected_error_sets_the_file_aside_and_ingest_goes_on(ingestor: Ingestor, monkeypatch) -> None:
+    import daemon.ingest as ingest_module
+
+    def broken_reader(path, name=None):
+        raise RuntimeError("simulated bug")
+    monkeypatch.setattr(ingest_module, "read_examples", broken_reader)
+    put(ingestor, "boom.jsonl", (FIXTURES / "text.jsonl").read_bytes())
+    text = only_rejection(ingestor)
+    assert "trainbox failed while reading this file" in text and "simulated bug" in text
+    assert not list(ingestor.layout.ingesting.iterdir())
