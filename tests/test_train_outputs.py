@@ -23,7 +23,7 @@ def finished(tmp_path_factory):
     stage = make_train_stage(root, split_by_hash(demo_examples()), {
         "max_steps": 12, "batch_size": 8, "max_seq_length": 96, "eval_every_steps": 4,
         "lora": {"r": 4, "alpha": 8}, "progress_log": {"interval_seconds": 0.05}, "monitor": {"every_n_steps": 3},
-        "checkpoint": {"interval_seconds": 0.05, "keep": 1}},
+        "checkpoint": {"interval_seconds": 0.05, "keep": 1}, "tensorboard": True},
         settings={"resources": {"ram_percent": 0.0, "check_seconds": 0.05}})
     result = run(load_context(stage))
     return stage, result
@@ -109,3 +109,16 @@ def test_timed_checkpoints_come_from_the_scheduler_and_rotate(finished):
     kinds = [c.kind for c in list_complete_checkpoints(stage / "checkpoints")]
     assert kinds.count("final") == 1 and kinds.count("rolling") == 1  # keep: 1
     assert result.summary["checkpoints_written"] >= 2  # at least one timed rolling checkpoint, then the final
+
+
+def test_tensorboard_event_files_hold_the_step_metrics(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stage, _ = finished
+    events = EventAccumulator(str(stage / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, 13))
+    rows = [json.loads(line) for line in (stage / "metrics" / "training_metrics.jsonl").read_text().splitlines()]
+    assert [round(e.value, 4) for e in losses] == [round(r["loss"], 4) for r in rows]
+    assert "train/eval_loss" in events.Tags()["scalars"]
