@@ -106,7 +106,8 @@ class TrainSpec(Strict):
     progress_log: ProgressLogSpec = Field(ProgressLogSpec(), description="Progress log timing.")
     monitor: MonitorSpec = Field(MonitorSpec(), description="Parameter-update monitor.")
     loss_weights: LossWeights = Field(LossWeights(), description="Weights of loss terms by row kind.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files to tensorboard/ (pip install 'trainbox[tensorboard]')."))
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard event files to tensorboard/ (pip install 'trainbox[tensorboard]').")
 
     @field_validator("device")
     @classmethod
