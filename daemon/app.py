@@ -29,6 +29,7 @@ from daemon.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0
+STORAGE_RETRY_S = 5.0
 _stop = threading.Event()
 _wake = threading.Event()
 
@@ -93,17 +94,35 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
         log.info("trainbox %s watching %s (pid %d, %d GPU(s))", _trainbox_version(), layout.inbox,
                  os.getpid(), len(gpus))
         last_beat = 0.0
+        storage_error: OSError | None = None
         try:
             while not _stop.is_set():
                 _wake.clear()
-                for path in watcher.ready_files():
-                    ingestor.ingest(path)
-                ingestor.create_due_default_jobs()
-                _apply_requests(layout.home, store, supervisor)
-                supervisor.tick()
-                if time.monotonic() - last_beat > 5:
-                    heartbeat()
-                    last_beat = time.monotonic()
+                try:
+                    if any(layout.ingesting.iterdir()):  # claims an earlier storage error left half done
+                        ingestor.recover()
+                    for path in watcher.ready_files():
+                        ingestor.ingest(path)
+                    ingestor.create_due_default_jobs()
+                    _apply_requests(layout.home, store, supervisor)
+                    supervisor.tick()
+                    if time.monotonic() - last_beat > 5:
+                        heartbeat()
+                        last_beat = time.monotonic()
+                except OSError as exc:
+                    # disk full, a share gone read-only: keep every file where it is and retry, rather than
+                    # exit and crash-loop under the service manager
+                    if storage_error is None:
+                        log.error("cannot write under %s (%s); nothing is lost, retrying every %.0f s",
+                                  layout.home, exc, STORAGE_RETRY_S)
+                        notifier.notify("resource_warning", "trainbox cannot write its files", str(exc))
+                    storage_error = exc
+                    watcher.rescan()
+                    _stop.wait(STORAGE_RETRY_S)
+                    continue
+                if storage_error is not None:
+                    log.info("storage is writable again; carrying on")
+                    storage_error = None
                 if once and _idle(layout, store, watcher, supervisor):
                     log.info("nothing left to do (--once): exiting")
                     break
@@ -115,8 +134,11 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
             scheduler.shutdown(wait=False)
             watcher.stop()
             notifier.close()
-            store.set_meta("daemon", {**(store.get_meta("daemon") or {}), "pid": None,
-                                      "stopped_at": utcnow()})
+            try:
+                store.set_meta("daemon", {**(store.get_meta("daemon") or {}), "pid": None,
+                                          "stopped_at": utcnow()})
+            except OSError as exc:  # the lock's release tells readers we are gone anyway
+                log.error("could not record the daemon's stop: %s", exc)
             log.info("trainbox stopped")
     return EXIT_OK
 

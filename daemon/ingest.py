@@ -86,6 +86,8 @@ class Ingestor:
                     fix="drop datasets as .jsonl (JSON Lines) and jobs as .yaml/.yml")], "unsupported file type")
         except InvalidInput as exc:
             self.reject(claim, name, exc.render())
+        except OSError:
+            raise  # storage trouble (disk full): the claim stays in state/ingesting and is retried
         except Exception as exc:  # a bug must not stop the daemon or loop on restart: set the file aside
             log.exception("internal error while ingesting %s", name)
             self.reject(claim, name, f"{name}: trainbox failed while reading this file ({exc!r}). The file is "
