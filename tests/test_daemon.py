@@ -99,13 +99,16 @@ def test_second_daemon_on_the_same_home_refuses(home: Path, daemon_factory) -> N
 
 
 def test_crashing_stage_fails_its_job_and_the_daemon_goes_on(home: Path, daemon_factory) -> None:
-    daemon_factory().wait_ready()
+    set_settings(home, concurrency={"cpu_jobs": 0})  # accept the job, but run nothing yet
+    d = daemon_factory().wait_ready()
     drop(home / "inbox", "job.yaml", "name: doomed\ndatasets: [data]\nstages: [prepare]\n")
-    wait_for(lambda: jobs_json(home), 10, "job recorded")
-    # the dataset's stored file vanishes before the stage reads it (a real crash, FileNotFoundError)
     drop(home / "inbox", "data.jsonl", (FIXTURES / "text.jsonl").read_text())
-    ds = wait_for(lambda: read_store(home).all_datasets(), 10, "dataset")[0]
-    (home / ds["path"]).unlink()
+    wait_for(lambda: [j for j in jobs_json(home) if j["state"] == "queued"], 10, "job queued")
+    assert d.stop() == 0
+    # the dataset's stored file vanishes before the stage reads it: a real crash (FileNotFoundError)
+    (home / read_store(home).all_datasets()[0]["path"]).unlink()
+    set_settings(home, concurrency={"cpu_jobs": 1})
+    daemon_factory().wait_ready()
     failed = wait_for(lambda: [j for j in jobs_json(home) if j["state"] == "failed"], 30, "failure")[0]
     assert "stage prepare exited with code 1" in failed["error"]
     assert "FileNotFoundError" in failed["error"], "the error carries the tail of the stage log"
