@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import logging.handlers
 import sys
@@ -31,6 +32,11 @@ err_console = Console(stderr=True)
 def say_error(message: str) -> None:
     """A user-facing error on stderr, never wrapped (scripts grep it)."""
     err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+def print_json(obj: object) -> None:
+    """Machine-readable output of a ``--json`` command on stdout (never wrapped or coloured)."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
+from daemon.cli import print_json
 from daemon.config import load_settings, resolve_home
 from daemon.control import (RequestRefused, cancel_idle_job, check_request, retry_job, write_request)
 from daemon.errors import DaemonAlreadyRunning
@@ -57,9 +56,6 @@ def _store(home: Path) -> Store:
     return Store.for_home(home, readonly=True)
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.app import run_daemon
@@ -99,7 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = _home(args)
     view = status_view(home, _store(home))
     if args.json:
-        _print_json(view)
+        print_json(view)
     else:
         console.print(status_panel(view))
     return EXIT_OK
@@ -111,7 +107,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     jobs = [job_view(j) for j in _store(_home(args)).all_jobs()]
     if args.json:
-        _print_json({"schema_version": JSON_SCHEMA_VERSION, "jobs": jobs})
+        print_json({"schema_version": JSON_SCHEMA_VERSION, "jobs": jobs})
     else:
         console.print(jobs_table(jobs))
     return EXIT_OK
@@ -127,7 +123,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     view = job_view(job)
     if args.json:
-        _print_json({"schema_version": JSON_SCHEMA_VERSION, "job": view})
+        print_json({"schema_version": JSON_SCHEMA_VERSION, "job": view})
     else:
         console.print(job_panel(view))
     return EXIT_OK

@@ -144,12 +144,12 @@ def run_checks(home: Path) -> list[Check]:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from daemon.cli import console
+    from daemon.cli import console, print_json
 
     checks = run_checks(resolve_home(args.home))
     usable = all(c.ok for c in checks if c.required)
     if args.json:
-        print(json.dumps({"ok": usable, "checks": [{**asdict(c), "status": c.status} for c in checks]}, indent=2))
+        print_json({"ok": usable, "checks": [{**asdict(c), "status": c.status} for c in checks]})
     else:
         table = Table(title="trainbox doctor", expand=True)
         for col in ("check", "status", "detail", "fix"):

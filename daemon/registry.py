@@ -6,11 +6,11 @@ through ``Store.for_home(home, readonly=True)`` for ``trainbox models`` and ``tr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 from typing import Any
 
+from daemon.cli import print_json
 from daemon.store import Q, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,6 @@ def _read_store(args: argparse.Namespace) -> Store:
     return Store.for_home(resolve_home(args.home), readonly=True)
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
 
 def cmd_models(args: argparse.Namespace) -> int:
     from daemon.cli import console
@@ -245,7 +242,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     entries = all_entries(_read_store(args))
     if args.json:
-        _print_json({"schema_version": JSON_SCHEMA_VERSION, "models": entries})
+        print_json({"schema_version": JSON_SCHEMA_VERSION, "models": entries})
     else:
         console.print(models_table(entries))
     return EXIT_OK
@@ -263,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     result = compare_entries(a, b)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         console.print(comparison_panel(result))
     return EXIT_OK

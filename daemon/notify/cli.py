@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.table import Table
 
@@ -38,7 +37,7 @@ def test_backends(settings, names: list[str], event: str) -> dict[str, tuple[boo
 
 
 def cmd_notify_test(args: argparse.Namespace) -> int:
-    from daemon.cli import console
+    from daemon.cli import console, print_json
 
     settings = load_settings(resolve_home(args.home)).notify.backends
     if args.backend:  # an explicit request turns the backend on for this test
@@ -51,7 +50,7 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     results = test_backends(settings, names, args.event)
     if args.json:
-        print(json.dumps({n: {"ok": ok, "detail": d} for n, (ok, d) in results.items()}, indent=2))
+        print_json({n: {"ok": ok, "detail": d} for n, (ok, d) in results.items()})
     else:
         table = Table(title="notification backends")
         for col in ("backend", "result", "detail"):
