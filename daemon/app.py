@@ -23,7 +23,7 @@ from daemon.ingest import Ingestor
 from daemon.layout import Layout
 from daemon.lock import HomeLock
 from daemon.notify import Notifier
-from daemon.resources import ResourceWatch
+from daemon.resources import ResourceWatch, daemon_snapshot
 from daemon.store import Q, Store, utcnow
 from daemon.supervisor import Supervisor
 
@@ -85,11 +85,17 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
         supervisor.recover()
         watcher.start()
         heartbeat()  # after the observer runs: "alive" means files dropped now are seen
-        resources = ResourceWatch(settings.resources, layout.home, notifier.notify)
+        watch = ResourceWatch(settings.resources.model_dump(), lambda kind, message, **data:
+                              notifier.notify(kind, "trainbox resource warning", message))
+
+        def check_resources() -> None:  # a training stage watches CPU, RAM and GPUs itself, with job context
+            training = any(run.stage == "train" for run in list(supervisor.running.values()))
+            watch.check(daemon_snapshot(layout.home, machine=not training))
+
         scheduler = BackgroundScheduler(daemon=True)
         scheduler.add_job(lambda: (watcher.rescan(), _wake.set()), "interval",
                           seconds=settings.watch.rescan_seconds, id="rescan")
-        scheduler.add_job(resources.check, "interval", seconds=settings.resources.check_seconds, id="resources")
+        scheduler.add_job(check_resources, "interval", seconds=settings.resources.check_seconds, id="resources")
         scheduler.start()
         log.info("trainbox %s watching %s (pid %d, %d GPU(s))", _trainbox_version(), layout.inbox,
                  os.getpid(), len(gpus))

@@ -9,6 +9,7 @@ import torch
 from daemon.errors import StageFailed
 from daemon.formats import Example
 from daemon.jobspec import LoraSpec, TrainSpec
+from daemon.resources import ResourceWatch
 from handlers import modelio
 from handlers.context import load_context
 from handlers.train import run
@@ -18,7 +19,6 @@ from handlers.train.data import IGNORE, StepBatches, encode_example
 from handlers.train.model import build_model
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.plan import GIB, TrainPlan, decide_memory, model_shape
-from handlers.train.progress import ResourceWatch
 from handlers.train.requirements import check_train_requirements
 from train_fixtures import make_train_stage, run_stage
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from daemon.resources import ResourceWatch
 from handlers.context import StageContext
 from handlers.train import progress
 from handlers.train.loop import TrainRun
@@ -28,7 +29,7 @@ class Observers:
         spec = ctx.job.train
         resources = ctx.settings.get("resources", {})
         probe = progress.GpuProbe()
-        watch = progress.ResourceWatch(resources, ctx.emit_event)
+        watch = ResourceWatch(resources, ctx.emit_event)
 
         def sample() -> None:
             snap = progress.system_snapshot(probe, run.device)

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -22,8 +22,6 @@ PROGRESS_DIR = "progress_logs"
 SUMMARY = "progress_summary.json"
 SUMMARY_WINDOW = 20
 TRAINING_FIELDS = ("epoch", "step", "total_steps", "loss", "learning_rate", "samples_per_s", "tokens_per_s", "eta_s")
-DEFAULT_THRESHOLDS = {"gpu_temp_c": 75.0, "ram_percent": 95.0, "cpu_percent": 90.0, "cpu_sustained_seconds": 120.0}
-WARNING_REPEAT_SECONDS = 600.0
 
 
 class GpuProbe:
@@ -95,41 +93,3 @@ def write_progress_log(stage_dir: Path, record: dict[str, Any]) -> Path:
                                                 "logs_written": int(summary.get("logs_written", 0)) + 1,
                                                 "last_log": path.name, **record})
     return path
-
-
-class ResourceWatch:
-    """Turns snapshots into rate-limited ``resource_warning`` events (thresholds from daemon settings)."""
-
-    def __init__(self, settings: dict[str, Any], emit: Callable[..., None],
-                 repeat_seconds: float = WARNING_REPEAT_SECONDS):
-        self.limits = {k: float(settings.get(k, v)) for k, v in DEFAULT_THRESHOLDS.items()}
-        self.emit, self.repeat_seconds = emit, repeat_seconds
-        self._last_sent: dict[str, float] = {}
-        self._cpu_high_since: float | None = None
-
-    def check(self, snap: dict[str, Any], now: float | None = None) -> list[str]:
-        now = time.monotonic() if now is None else now
-        found: list[tuple[str, str, dict[str, Any]]] = []
-        for gpu in snap.get("gpus") or []:
-            if gpu["temperature_c"] is not None and gpu["temperature_c"] > self.limits["gpu_temp_c"]:
-                found.append((f"gpu{gpu['index']}_temp", f"GPU {gpu['index']} is at {gpu['temperature_c']} C "
-                              f"(limit {self.limits['gpu_temp_c']:g} C); check cooling and airflow",
-                              {"gpu": gpu["index"], "value": gpu["temperature_c"]}))
-        if snap["ram_percent"] > self.limits["ram_percent"]:
-            found.append(("ram", f"RAM use is {snap['ram_percent']:.0f}% (limit {self.limits['ram_percent']:g}%); "
-                          "close other programs or lower train.batch_size", {"value": snap["ram_percent"]}))
-        if snap["cpu_percent"] > self.limits["cpu_percent"]:
-            self._cpu_high_since = self._cpu_high_since if self._cpu_high_since is not None else now
-            if now - self._cpu_high_since >= self.limits["cpu_sustained_seconds"]:
-                found.append(("cpu", f"CPU has been above {self.limits['cpu_percent']:g}% for "
-                              f"{now - self._cpu_high_since:.0f} s", {"value": snap["cpu_percent"]}))
-        else:
-            self._cpu_high_since = None
-        sent = []
-        for key, message, data in found:
-            if now - self._last_sent.get(key, -1e18) >= self.repeat_seconds:
-                self._last_sent[key] = now
-                log.warning("resource warning: %s", message)
-                self.emit("resource_warning", message, resource=key, **data)
-                sent.append(key)
-        return sent
