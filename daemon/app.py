@@ -76,7 +76,7 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
         started = time.time()
 
         def heartbeat() -> None:
-            store.set_meta("daemon", {"pid": os.getpid(), "started_at": utcnow_from(started),
+            store.set_meta("daemon", {"pid": os.getpid(), "started_at": utcnow(started),
                                       "heartbeat_at": utcnow(), "heartbeat_ts": time.time(),
                                       "version": _trainbox_version(), "home": str(layout.home)})
 
@@ -147,10 +147,6 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                 log.error("could not record the daemon's stop: %s", exc)
             log.info("trainbox stopped")
     return EXIT_OK
-
-
-def utcnow_from(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts))
 
 
 def _idle(layout: Layout, store: Store, watcher: InboxWatcher, supervisor: Supervisor) -> bool:

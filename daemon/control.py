@@ -14,7 +14,6 @@ from daemon.layout import Layout
 from daemon.store import Store
 
 log = logging.getLogger(__name__)
-ACTIONS = ("cancel", "retry")
 
 
 class RequestRefused(Exception):

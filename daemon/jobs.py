@@ -8,10 +8,7 @@ from typing import Any
 from daemon.jobspec import JobSpec
 from daemon.store import utcnow
 
-JOB_STATES = ("waiting", "queued", "running", "interrupted", "succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("waiting", "queued", "running", "interrupted")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
-STAGE_STATES = ("pending", "running", "succeeded", "skipped", "failed", "interrupted", "cancelled")
 JSON_SCHEMA_VERSION = 1
 
 

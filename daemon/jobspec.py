@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STAGE_ORDER = ("prepare", "augment", "train", "evaluate", "export")
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 
 
 class Strict(BaseModel):

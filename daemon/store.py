@@ -19,12 +19,13 @@ from tinydb.storages import Storage
 from daemon.fsio import write_text_atomically
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 Q = Query()
 
 
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def utcnow(timestamp: float | None = None) -> str:
+    """ISO 8601 UTC time (now, or of a ``time.time()`` value), as every record in the store uses."""
+    moment = datetime.now(timezone.utc) if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="seconds")
 
 
 class AtomicJSONStorage(Storage):

@@ -9,7 +9,7 @@ import logging
 import subprocess
 import time
 from datetime import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +41,6 @@ class Running:
     events_offset: int = 0
     progress_seen: float = 0.0
     progress_stored: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -130,7 +129,7 @@ class Supervisor:
         def mark(doc: dict) -> None:
             doc["stages"][index].update(state="running", started_at=utcnow(), ended_at=None, error=None)
             doc.update(state="running", stage=stage, pid=proc.pid, device=slot, error=None,
-                       attempts=doc.get("attempts", 0) + (index == 0 or doc["state"] != "running"))
+                       attempts=doc.get("attempts", 0) + 1)
         self.store.update_job(job["id"], mark)
         log.info("job %s: stage %s started (pid %d, %s)", job["id"], stage, proc.pid, slot)
 

@@ -12,6 +12,3 @@ STAGES: dict[str, str] = {
     "export": "handlers.export",
 }
 
-
-def available_stages() -> list[str]:
-    return list(STAGES)
