@@ -1,5 +1,5 @@
 """What watches a training run from the side: the process's own APScheduler (checkpoint and progress-log flags,
-resource sampling), the GPU probe and optional TensorBoard. None of it touches the model between steps.
+resource sampling), and optional TensorBoard. None of it touches the model between steps.
 """
 from __future__ import annotations
 
@@ -21,18 +21,16 @@ logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "job executed" lin
 @dataclass
 class Observers:
     scheduler: BackgroundScheduler
-    probe: progress.GpuProbe
     tensorboard: Any = None
 
     @classmethod
     def start(cls, ctx: StageContext, run: TrainRun) -> "Observers":
         spec = ctx.job.train
         resources = ctx.settings.get("resources", {})
-        probe = progress.GpuProbe()
         watch = ResourceWatch(resources, ctx.emit_event)
 
         def sample() -> None:
-            snap = progress.system_snapshot(probe, run.device)
+            snap = progress.system_snapshot(run.device)
             run.system.update(snap)
             watch.check(snap)
 
@@ -54,11 +52,10 @@ class Observers:
         scheduler.add_job(sample, "interval", seconds=float(resources.get("check_seconds", 30)), id="resources",
                           coalesce=True, max_instances=1)
         scheduler.start()
-        return cls(scheduler, probe, tensorboard)
+        return cls(scheduler, tensorboard)
 
     def stop(self) -> None:
         self.scheduler.shutdown(wait=False)
-        self.probe.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
 

@@ -1,4 +1,4 @@
-"""Progress logs and resource warnings: CPU/RAM through psutil, per-GPU numbers through pynvml.
+"""Progress logs: CPU/RAM through psutil, per-GPU numbers through NVML (``daemon.gpus``).
 
 Every ``progress_log.interval_seconds`` a snapshot goes to ``progress_logs/progress_<UTC>.json`` and the
 rolling ``progress_summary.json``. GPU fields are null (and ``gpus`` empty) where no NVIDIA GPU is present.
@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 
 from daemon.fsio import read_json, write_json_atomically
+from daemon.gpus import gpu_readings
 from handlers.train.metrics import utc_stamp
 
 log = logging.getLogger(__name__)
@@ -22,40 +23,6 @@ PROGRESS_DIR = "progress_logs"
 SUMMARY = "progress_summary.json"
 SUMMARY_WINDOW = 20
 TRAINING_FIELDS = ("epoch", "step", "total_steps", "loss", "learning_rate", "samples_per_s", "tokens_per_s", "eta_s")
-
-
-class GpuProbe:
-    """pynvml readings for every GPU; an empty list where NVML is missing (no NVIDIA driver)."""
-
-    def __init__(self) -> None:
-        self._nvml: Any = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-        except Exception as exc:  # NVMLError, ImportError, OSError: every one means "no GPU readings"
-            log.debug("no NVML (%s): GPU fields stay null", exc)
-
-    def sample(self) -> list[dict[str, Any]]:
-        if self._nvml is None:
-            return []
-        nv = self._nvml
-        gpus = []
-        for index in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
-            name = nv.nvmlDeviceGetName(handle)
-            gpus.append({"index": index, "name": name.decode() if isinstance(name, bytes) else name,
-                         "utilization_percent": nv.nvmlDeviceGetUtilizationRates(handle).gpu,
-                         "memory_used_mb": round(memory.used / 2**20), "memory_total_mb": round(memory.total / 2**20),
-                         "temperature_c": nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)})
-        return gpus
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            self._nvml.nvmlShutdown()
-            self._nvml = None
 
 
 def nvml_index(device: str) -> int:
@@ -67,16 +34,16 @@ def nvml_index(device: str) -> int:
     return local
 
 
-def system_snapshot(probe: GpuProbe, device: str) -> dict[str, Any]:
+def system_snapshot(device: str) -> dict[str, Any]:
     """CPU %, RAM %, process RSS and GPU readings; ``gpu_*`` describe the training device (null on CPU)."""
-    gpus = probe.sample()
+    gpus = gpu_readings()
     index = nvml_index(device)
     mine = gpus[index] if device.startswith("cuda") and index < len(gpus) else None
     return {"cpu_percent": psutil.cpu_percent(interval=None), "ram_percent": psutil.virtual_memory().percent,
             "process_rss_mb": round(psutil.Process().memory_info().rss / 2**20), "gpus": gpus,
             "gpu_utilization_percent": mine and mine["utilization_percent"],
-            "gpu_memory_used_mb": mine and mine["memory_used_mb"],
-            "gpu_memory_total_mb": mine and mine["memory_total_mb"],
+            "gpu_memory_used_mb": mine and mine["memory_used_mib"],
+            "gpu_memory_total_mb": mine and mine["memory_total_mib"],
             "gpu_temperature_c": mine and mine["temperature_c"]}
 
 
