@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from daemon.config import DaemonSettings
 from daemon.errors import InvalidInput, Problem
 from daemon.formats import read_examples
@@ -152,8 +154,6 @@ class Ingestor:
         if job_file is not None:
             move_durably(job_file, job_dir / "job.yaml")
         else:
-            import yaml
-
             write_text_atomically(job_dir / "job.yaml", yaml.safe_dump(doc["spec"], sort_keys=False))
         log.info("job %s created from %s", doc["id"], source)
         self.store.add_event("job_created", f"{doc['id']} from {source}", job_id=doc["id"])

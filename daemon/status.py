@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from daemon.inbox import is_ignored
 from daemon.jobs import JSON_SCHEMA_VERSION
 from daemon.layout import Layout
 from daemon.lock import lock_is_held
@@ -58,7 +59,8 @@ def status_view(home: Path, store: Store) -> dict[str, Any]:
         "daemon": daemon_view(home, store),
         "datasets": len(store.datasets),
         "jobs": dict(Counter(j["state"] for j in jobs)),
-        "inbox_pending": sorted(p.name for p in layout.inbox.glob("*") if p.is_file()) if layout.inbox.exists() else [],
+        "inbox_pending": sorted(p.name for p in layout.inbox.glob("*") if p.is_file() and not is_ignored(p.name))
+        if layout.inbox.exists() else [],
         "rejected": rejected_files(layout) if layout.rejected.exists() else [],
         "events": store.recent_events(10),
     }
