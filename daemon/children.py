@@ -79,6 +79,17 @@ def describe_exit(code: int) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+        hint = {"SIGKILL": " (the system may have run out of memory)",
+                "SIGSEGV": " (a crash inside native code such as torch or llama.cpp)",
+                "SIGABRT": " (native code aborted)"}.get(name, "")
         return f"killed by {name}{hint}"
     return f"exited with code {code}"
+
+
+def failure_message(stage: str, code: int, result_error: str | None, log_path: Path, lines: int) -> str:
+    """Why a stage failed, never empty: a stage killed by a signal writes no result, so its log's last line
+    (e.g. Python's "Fatal Python error: Segmentation fault") stands in for it; then the log tail."""
+    tail = log_tail(log_path, lines)
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    detail = result_error or (f"its log ends with: {last}" if last else f"{log_path.name} is empty")
+    return f"stage {stage} {describe_exit(code)}: {detail}\n--- last lines of {log_path} ---\n{tail}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon import registry
-from daemon.children import (describe_exit, is_stage_process, log_tail, send_stop, start_stage_process,
+from daemon.children import (failure_message, is_stage_process, send_stop, start_stage_process,
                              stop_orphan)
 from daemon.config import DaemonSettings
 from daemon.control import cancel_idle_job
@@ -173,9 +173,8 @@ class Supervisor:
             self._finish(run.job_id, "interrupted")
         else:
             result = read_json(run.stage_dir / RESULT_FILE, {}) or {}
-            tail = log_tail(run.stage_dir / LOG_FILE, self.settings.supervisor.log_tail_lines)
-            error = (f"stage {run.stage} {describe_exit(code)}: " + (result.get("error") or "")
-                     + f"\n--- last lines of {run.stage_dir / LOG_FILE} ---\n{tail}")
+            error = failure_message(run.stage, code, result.get("error"), run.stage_dir / LOG_FILE,
+                                    self.settings.supervisor.log_tail_lines)
             self._stage_ended(run, "failed", error, exit_code=code)
             self._finish(run.job_id, "failed", error)
 
@@ -193,7 +192,7 @@ class Supervisor:
             entry = registry.ensure_entry(self.store, job)
             job = self.store.update_job(run.job_id, {"model": {"name": entry["name"], "version": entry["version"]}})
             if run.stage == "export" and "model_dir" in artifacts:
-                artifacts = self._publish(run, job, artifacts)
+                artifacts = self._publish(run, job, artifacts, result.get("message") or "")
             registry.update_entry(self.store, run.job_id, run.stage, {**result["model"], "artifacts": artifacts}
                                   if run.stage == "export" else result["model"])
 
@@ -212,7 +211,7 @@ class Supervisor:
         if job["state"] == "succeeded":
             self._finish(run.job_id, "succeeded")
 
-    def _publish(self, run: Running, job: dict, artifacts: dict[str, str]) -> dict[str, str]:
+    def _publish(self, run: Running, job: dict, artifacts: dict[str, str], message: str) -> dict[str, str]:
         """Move the exported model folder to models/<name>/v<version>/ (atomic rename, same filesystem)."""
         src = Path(artifacts["model_dir"])
         dest = self.layout.models / job["model"]["name"] / f"v{job['model']['version']}"
@@ -223,7 +222,7 @@ class Supervisor:
                for k, v in artifacts.items()}
         if "exported" in job["spec"]["notify"]["on"]:
             self.notify("model_exported", f"trainbox exported {job['name']} v{job['model']['version']}",
-                        str(dest), job_id=run.job_id)
+                        f"{message}\n{dest}".strip(), job_id=run.job_id)
         return out
 
     def _store_progress(self, run: Running, force: bool = False) -> None:

@@ -5,6 +5,7 @@ Exit codes: 0 done, 1 failed (traceback in the log), 2 bad input, 75 stopped by 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()  # a crash in native code leaves the Python stack in the log the daemon reports
     stop = threading.Event()
     install_stop_signals(stop)
     die_with_parent()

@@ -202,16 +202,40 @@ def example_messages(example: Any) -> list[dict[str, str]] | None:
     return None
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS token in front of text by itself (observed, however configured)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """Conversation -> text with the tokenizer's chat template, or the default ``### User:`` format."""
+    """Conversation -> text with the tokenizer's chat template, or the default ``### User:`` format.
+
+    The text starts with BOS whenever the model expects one: chats are encoded without the tokenizer's own
+    special tokens (``encode_chat_text``), while llama.cpp and Ollama add BOS to a rendered prompt when the
+    tokenizer adds it, so a template that does not write ``bos_token`` (TinyLlama, Zephyr) gets it here and
+    training, evaluation and the GGUF see the same tokens.
+    """
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        bos = tokenizer.bos_token
+        if bos and not text.startswith(bos) and adds_bos(tokenizer):
+            text = bos + text
+        return text
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
     text = bos + "".join(f"{DEFAULT_ROLE_HEADERS[m['role']]}{m['content']}{eos}\n\n" for m in messages)
     if add_generation_prompt:
         text += DEFAULT_ROLE_HEADERS["assistant"]
     return text
+
+
+def encode_chat_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a ``render_chat`` text, exactly as training encodes it (its BOS, if any, is in the text)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:

@@ -184,3 +184,50 @@ def export_context(tmp_path: Path, base_dir: Path, *, export: dict[str, Any] | N
             "results": results, "model": model}
     (stage_dir / "stage.json").write_text(json.dumps(spec))
     return StageContext(stage_dir, spec)
+
+
+TOKENIZERS = Path(__file__).resolve().parent / "fixtures" / "tokenizers"
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                    "[INST] {{ message['content'] }}[/INST]{% elif message['role'] == 'assistant' %}"
+                    " {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+TINY_DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def mistral_v3_tokenizer() -> Any:
+    """Mistral 7B Instruct v0.3's SentencePiece model (shipped by mistral-common) as an HF tokenizer."""
+    import mistral_common
+
+    sp_model = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    tok = spm_hf_tokenizer(sp_model, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]"]})  # control pieces, as in HF
+    tok.chat_template = MISTRAL_TEMPLATE
+    return tok
+
+
+def tiny_real_tokenizer(out_dir: Path, which: str, seed: int = 0) -> Path:
+    """A tiny random model around a real tokenizer: ``phi3`` (Phi-3-mini-4k, vocab padded to 32064 like the
+    real model), ``tinyllama`` (Llama, Zephyr-style template without bos_token) or ``mistral`` (v3)."""
+    import shutil
+
+    from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Phi3Config, Phi3ForCausalLM)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if which == "mistral":
+        tok = mistral_v3_tokenizer()
+    else:
+        src = TOKENIZERS / {"phi3": "phi3-mini-4k-instruct", "tinyllama": "tinyllama-1.1b-chat-v1.0"}[which]
+        for f in src.iterdir():
+            if f.name != "LICENSE":
+                shutil.copy(f, out_dir / f.name)
+        tok = AutoTokenizer.from_pretrained(out_dir)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if which == "phi3":
+        config = Phi3Config(vocab_size=32064, pad_token_id=tok.pad_token_id, **ids, **TINY_DIMS)
+        return _save(Phi3ForCausalLM, config, tok, out_dir, seed)
+    if which == "mistral":
+        config = MistralConfig(vocab_size=len(tok), **ids, **TINY_DIMS)
+        return _save(MistralForCausalLM, config, tok, out_dir, seed)
+    config = LlamaConfig(vocab_size=len(tok), **ids, **TINY_DIMS)
+    return _save(LlamaForCausalLM, config, tok, out_dir, seed)

@@ -25,7 +25,12 @@ from handlers.export.tokenizer_meta import read_tokenizer_meta
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-CHAT_PROBE = [{"role": "user", "content": "Hello, who are you?"}]
+# verified as rendered chat prompts (multi-turn, non-Latin scripts): special tokens, newlines after them, BOS
+CHAT_PROBES = [
+    [{"role": "user", "content": "Hello, who are you?"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+     {"role": "user", "content": "请用一句话介绍你自己。日本語でも答えてください。"}],
+]
 
 
 def _skip_reason(ctx: StageContext) -> str | None:
@@ -40,9 +45,16 @@ def _skip_reason(ctx: StageContext) -> str | None:
     return f"export.only_if_winner is set and the model is not the winner ({why}); nothing exported"
 
 
-def _verify_prompts(ctx: StageContext, tokenizer: Any) -> list[str]:
-    """The job's prompts plus one chat-formatted turn, so special tokens are checked too."""
-    return [*ctx.job.export.verify_prompts, modelio.render_chat(tokenizer, CHAT_PROBE, add_generation_prompt=True)]
+def _verify_prompts(ctx: StageContext, tokenizer: Any, gguf_adds_bos: bool) -> list[Any]:
+    """The job's prompts plus rendered chat prompts, so special tokens and BOS handling are checked too."""
+    return [*ctx.job.export.verify_prompts, *(verify.chat_probe(tokenizer, m, gguf_adds_bos) for m in CHAT_PROBES)]
+
+
+def _withhold(entry: dict[str, Any], path: Path, reason: str) -> None:
+    """A file llama.cpp could not run here is not published: it is deleted and the reason recorded."""
+    path.unlink(missing_ok=True)
+    entry["withheld"] = reason
+    log.warning("withheld %s: %s", path.name, reason)
 
 
 def _export_gguf(ctx: StageContext, out: Path, merged_dir: Path, model: Any, tokenizer: Any,
@@ -50,7 +62,7 @@ def _export_gguf(ctx: StageContext, out: Path, merged_dir: Path, model: Any, tok
     config = json.loads((merged_dir / "config.json").read_text())
     extra = (Path(base_ref),) if Path(base_ref).is_dir() else ()
     meta = read_tokenizer_meta(merged_dir, int(config["vocab_size"]), tokenizer, extra_dirs=extra)
-    prompts = _verify_prompts(ctx, tokenizer)
+    prompts = _verify_prompts(ctx, tokenizer, meta.add_bos)
     rope = (config.get("rope_parameters") or config.get("rope_scaling") or {})
     override = str(rope.get("rope_type", rope.get("type", "default"))) not in ("default", "None")
     results, problems, warnings = [], [], list(meta.warnings)
@@ -63,7 +75,8 @@ def _export_gguf(ctx: StageContext, out: Path, merged_dir: Path, model: Any, tok
             ctx.report_progress(phase=f"gguf {out_type} ({i + 1}/{len(ctx.job.export.gguf)})", step=done,
                                 total_steps=total)
 
-        written = write_gguf(merged_dir, out / fname, out_type, meta, name=name, config=config, on_tensor=progress)
+        written = write_gguf(merged_dir, out / fname, out_type, meta, name=name, config=config, on_tensor=progress,
+                             base_model=ctx.job.base_model)
         found = verify.read_back(written.path, written.tensors, arch_spec(config).gguf_arch, len(meta.tokens))
         entry: dict[str, Any] = {"file": fname, "type": out_type, "size_bytes": written.size_bytes,
                                  "export_seconds": round(written.seconds, 3), "f16_fallback_tensors": written.fallbacks}
@@ -76,6 +89,8 @@ def _export_gguf(ctx: StageContext, out: Path, merged_dir: Path, model: Any, tok
             bad, warn = verify.judge(out_type, numbers, entry["llama_cpp"])
             problems += bad
             warnings += warn
+            if entry["llama_cpp"] is not None and "crashed" in entry["llama_cpp"]:
+                _withhold(entry, written.path, entry["llama_cpp"]["crashed"])
         results.append(entry)
         log.info("verified %s: %s", fname, {k: v for k, v in entry.items() if k not in ("file",)})
     return results, problems, warnings, meta
@@ -136,10 +151,16 @@ def run(ctx: StageContext) -> StageResult:
     info: dict[str, Any] = {}
     if spec.gguf:
         ggufs, problems, warnings, meta = _export_gguf(ctx, out, merged_dir, model, tokenizer, base_ref, name)
-    verification = {"gguf": ggufs, "problems": problems, "warnings": warnings}
+    withheld = [g for g in ggufs if "withheld" in g]
+    ggufs = [g for g in ggufs if "withheld" not in g]
+    warnings += [f"{g['file']} withheld: {g['withheld']}" for g in withheld]
+    verification = {"gguf": ggufs, "withheld": withheld, "problems": problems, "warnings": warnings}
     write_json_atomically(out / "verification.json", verification)
     if problems:
         raise StageFailed("GGUF verification failed: " + "; ".join(problems) + f" (details: {out}/verification.json)")
+    if withheld and not ggufs:
+        raise StageFailed("no GGUF file could be checked in llama.cpp on this machine: "
+                          + "; ".join(g["withheld"] for g in withheld) + f" (details: {out}/verification.json)")
     for g in ggufs:
         artifacts[f"gguf_{g['type']}"] = f"{MODEL_DIR}/{g['file']}"
     if ggufs:
@@ -159,15 +180,18 @@ def run(ctx: StageContext) -> StageResult:
         datasets=[{"name": d.name, "rows": d.rows, "sha256": d.sha256} for d in ctx.datasets] or
         [{"name": "splits", "rows": prepare.get("rows")}],
         train=ctx.job.train.model_dump(), train_summary=(ctx.results.get("train") or {}).get("summary") or {},
-        evaluation=ctx.results.get("evaluate"), ggufs=ggufs, ollama=info, artifacts=rel)
+        evaluation=ctx.results.get("evaluate"), ggufs=ggufs, ollama=info, artifacts=rel, withheld=withheld)
     (out / "README.md").write_text(card, encoding="utf-8")
     artifacts["model_card"] = f"{MODEL_DIR}/README.md"
     rel["model_card"] = "README.md"
     seconds = round(time.perf_counter() - start, 2)
     summary = {"export_seconds": seconds, "gguf": {g["type"]: {k: g.get(k) for k in (
         "size_bytes", "max_abs_diff", "top1_agreement", "export_seconds")} for g in ggufs},
-        "ollama_status": info.get("status"), "ollama_command": info.get("command"), "warnings": len(warnings)}
+        "ollama_status": info.get("status"), "ollama_command": info.get("command"), "warnings": len(warnings),
+        "withheld": {g["type"]: g["withheld"] for g in withheld}}
     message = f"exported {name} v{version}"
+    if withheld:
+        message += "; withheld " + "; ".join(f"{g['file']} ({g['withheld']})" for g in withheld)
     if info.get("status") == "created":
         message += f"; Ollama model {info['name']} created (ollama run {info['name']})"
     elif info:

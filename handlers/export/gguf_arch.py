@@ -84,9 +84,10 @@ def write_hparams(writer: Any, spec: ArchSpec) -> None:
     if spec.gguf_arch == "llama":
         writer.add_vocab_size(int(c["vocab_size"]))
         writer.add_rope_dimension_count(spec.head_dim)
-        if spec.head_dim != int(c["hidden_size"]) // spec.n_head:
-            writer.add_key_length(spec.head_dim)
-            writer.add_value_length(spec.head_dim)
+    if c.get("head_dim") or spec.head_dim != int(c["hidden_size"]) // spec.n_head:
+        # the converter writes these whenever config.json names head_dim (Phi-3 returned above: it never does)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
     import gguf
 
     if rope_type == "linear" and "factor" in rope:

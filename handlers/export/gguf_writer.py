@@ -190,9 +190,45 @@ def _write_pipelined(writer: Any, planned: list[PlannedTensor],
             pending.result()
 
 
+# llama.cpp gives Phi-3 vocabularies their tokenizer behaviour (special tokens swallow the whitespace after them,
+# as the HF tokenizer's rstrip does) only when general.name contains "phi3" or "phi-3", and then it looks these
+# tokens up and refuses the file if one is missing (src/llama-vocab.cpp)
+PHI3_MARKER = "phi3"
+PHI3_MODE_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def general_name(name: str, gguf_arch: str, tokens: list[str]) -> str:
+    """general.name: the model's name, carrying "phi3" for a Phi-3 vocabulary so llama.cpp tokenizes like HF."""
+    if gguf_arch != "phi3" or any(m in name.lower() for m in ("phi3", "phi-3")):
+        return name
+    if not set(PHI3_MODE_TOKENS) <= set(tokens):
+        return name  # llama.cpp could not load it in Phi-3 mode; the verifier reports any tokenization difference
+    return f"{name} ({PHI3_MARKER})"
+
+
+def _write_general(writer: Any, name: str, gguf_arch: str, base_model: str | None,
+                   planned: list[PlannedTensor], tokens: list[str]) -> None:
+    """general.* as convert_hf_to_gguf.py writes them: name, basename of the base model's id, size label."""
+    import gguf
+    from gguf.metadata import Metadata
+
+    writer.add_name(general_name(name, gguf_arch, tokens))
+    if base_model:
+        model_id = base_model if base_model.count("/") == 1 and not Path(base_model).exists() else Path(base_model).name
+        basename = Metadata.get_model_id_components(model_id)[2]
+        if basename:
+            writer.add_basename(basename)
+    total = sum(int(np.prod(t.shape)) for t in planned)
+    writer.add_size_label(gguf.size_label(total, 0, 0, 0))
+
+
 def write_gguf(model_dir: Path, out_path: Path, out_type: str, meta: TokenizerMeta, *, name: str,
-               config: dict[str, Any] | None = None, on_tensor: Callable[[int, int], None] | None = None) -> GGUFResult:
-    """Write ``model_dir`` (a merged save_pretrained folder) as ``out_path`` of ``out_type``; atomic rename."""
+               config: dict[str, Any] | None = None, on_tensor: Callable[[int, int], None] | None = None,
+               base_model: str | None = None) -> GGUFResult:
+    """Write ``model_dir`` (a merged save_pretrained folder) as ``out_path`` of ``out_type``; atomic rename.
+
+    ``base_model``: the hub id or folder the model was fine-tuned from (general.basename, as llama.cpp's
+    converter derives it)."""
     import gguf
 
     if out_type not in OUT_TYPES:
@@ -209,7 +245,7 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str, meta: TokenizerMe
         planned, fallbacks = plan_tensors(spec, source, out_type)
         writer = _new_writer(spec.gguf_arch)
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
+        _write_general(writer, name, spec.gguf_arch, base_model, planned, meta.tokens)
         writer.add_file_type(int(gguf.LlamaFileType[OUT_TYPES[out_type][1]]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         gguf_arch.write_hparams(writer, spec)

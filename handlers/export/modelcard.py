@@ -14,7 +14,8 @@ def _fmt(v: Any) -> str:
 
 def model_card(*, name: str, version: int, base_model: str, datasets: list[dict[str, Any]],
                train: dict[str, Any], train_summary: dict[str, Any], evaluation: dict[str, Any] | None,
-               ggufs: list[dict[str, Any]], ollama: dict[str, Any], artifacts: dict[str, str]) -> str:
+               ggufs: list[dict[str, Any]], ollama: dict[str, Any], artifacts: dict[str, str],
+               withheld: list[dict[str, Any]] | None = None) -> str:
     """Markdown text; every path in it is relative to the model folder, which the daemon moves."""
     lines = [f"# {name} v{version}", "",
              f"A LoRA fine-tune of `{base_model}`, made by trainbox. Folder contents: merged weights in "
@@ -42,14 +43,22 @@ def model_card(*, name: str, version: int, base_model: str, datasets: list[dict[
     if ggufs:
         lines += ["", "## GGUF files and their verification", "",
                   "Each file was read back with the gguf reader, loaded with transformers' GGUF loader and "
-                  "compared with the merged model on next-token logits.", "",
-                  "| file | type | size | max abs logit diff | top-1 agreement | llama.cpp greedy agreement |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "compared with the merged model on next-token logits; llama.cpp tokenized the rendered chat "
+                  "prompts (which must give the training token ids) and decoded greedily from its own tokens.", "",
+                  "| file | type | size | max abs logit diff | top-1 agreement | llama.cpp tokens as in training "
+                  "| llama.cpp greedy agreement |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for g in ggufs:
             cpp = g.get("llama_cpp") or {}
             lines.append(f"| `{g['file']}` | {g['type']} | {g['size_bytes'] / 1e6:.1f} MB | "
                          f"{_fmt(g.get('max_abs_diff'))} | {_fmt(g.get('top1_agreement'))} | "
+                         f"{_fmt(cpp.get('tokenize_matches', 'not run'))} | "
                          f"{_fmt(cpp.get('greedy_token_agreement', 'not run'))} |")
+    if withheld:
+        lines += ["", "## Files not published", "",
+                  "These GGUF types were written but could not be checked in llama.cpp on the exporting machine, "
+                  "so they were left out of this folder:", ""]
+        lines += [f"- `{g['file']}` ({g['type']}): {g['withheld']}" for g in withheld]
     lines += ["", "## How to run it", ""]
     if ggufs:
         first = ggufs[0]["file"]

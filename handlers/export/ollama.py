@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -16,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from daemon.errors import StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class Translation:
 
     def go_template(self) -> str:
         def lit(s: str) -> str:
-            return s.replace("{{", '{{ "{{" }}')
+            return go_literal(s.replace("{{", '{{ "{{" }}'))
 
         sys_part = ""
         if self.system is not None:
@@ -59,6 +62,42 @@ class Translation:
     def stops(self, eos: str | None) -> list[str]:
         found = [eos or "", self.assistant[1].strip(), self.user[0].strip(), self.user[1].strip()]
         return list(dict.fromkeys(s for s in found if s))
+
+
+class UnsafeModelfileValue(StageFailed):
+    """A value that Ollama's Modelfile parser would not read back as written (it has no escape sequences)."""
+
+
+def _unprintable(value: str) -> list[str]:
+    """Characters Ollama's parser silently drops (Go's strconv.IsPrint is false; newlines and tabs are kept)."""
+    return sorted({f"U+{ord(c):04X}" for c in value if not (c.isprintable() or c in "\n\r\t")})
+
+
+def go_literal(text: str) -> str:
+    """Template text that Ollama reads back unchanged: a triple quote and unprintable characters become Go
+    string constants, since the Modelfile itself has no escapes and ends a TEMPLATE at the first triple quote."""
+    out = text.replace('"""', '{{ "\\"\\"\\"" }}')
+    for code in _unprintable(out):
+        c = chr(int(code[2:], 16))
+        out = out.replace(c, '{{ "\\U%08X" }}' % ord(c))
+    return out
+
+
+def quoted(value: str, field: str, triple: bool = False) -> str:
+    """``value`` as one Modelfile argument that Ollama's parser reads back unchanged, or UnsafeModelfileValue.
+
+    The parser has no escapes: a ``"`` value ends at a quote followed by a space or newline, a triple-quoted one
+    at ``\"\"\"``, and unprintable characters vanish. Either form is chosen where it is exact; else refused."""
+    bad = _unprintable(value)
+    if bad:
+        raise UnsafeModelfileValue(f"{field} contains characters that an Ollama Modelfile cannot hold ({', '.join(bad)}, "
+                                   "which ollama create would silently drop); remove them")
+    if '"""' in value:
+        raise UnsafeModelfileValue(f'{field} contains \"\"\", which would end its quoted value in the Modelfile '
+                                   "and turn the rest into Modelfile instructions; remove or rephrase it")
+    if not triple and '"' not in value:
+        return f'"{value}"'
+    return f'"""{value}"""'
 
 
 def family_of(template: str | None) -> str:
@@ -115,12 +154,34 @@ def translate(render: Render, template: str | None, bos: str | None, add_bos: bo
     return t
 
 
+_SAFE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.gguf")
+_ARGUMENT = re.compile(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER stop) ("""[\s\S]*?"""|"[^"]*"|\S+)(?=[ \t]*(?:\n|$))', re.M)
+
+
 def modelfile_text(gguf_name: str, t: Translation, eos: str | None, system: str | None) -> str:
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{t.go_template()}"""']
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in t.stops(eos)]
+    """The Modelfile; every value is quoted so that Ollama reads it back as written (or the stage fails)."""
+    if not _SAFE_FILE.fullmatch(gguf_name):
+        raise UnsafeModelfileValue(f"GGUF file name {gguf_name!r} cannot be a relative FROM path in a Modelfile")
+    lines = [f"FROM ./{gguf_name}", f"TEMPLATE {quoted(t.go_template(), 'the chat template', triple=True)}"]
+    lines += [f"PARAMETER stop {quoted(s, 'a stop word of the chat template')}" for s in t.stops(eos)]
     if system and t.system is not None:
-        lines.append(f'SYSTEM """{system}"""')
+        lines.append(f"SYSTEM {quoted(system, 'export.ollama.system', triple=True)}")
     return "\n".join(lines) + "\n"
+
+
+def read_modelfile(text: str) -> dict[str, Any]:
+    """FROM, TEMPLATE, SYSTEM and stop words of a Modelfile written by ``modelfile_text``."""
+    out: dict[str, Any] = {"stop": []}
+    for key, value in _ARGUMENT.findall(text):
+        if value.startswith('"""'):
+            value = value[3:-3]
+        elif value.startswith('"'):
+            value = value[1:-1]
+        if key == "PARAMETER stop":
+            out["stop"].append(value)
+        else:
+            out[key.lower()] = value
+    return out
 
 
 def ollama_name(job_name: str, version: int) -> str:
@@ -171,8 +232,8 @@ def _post(path: str, body: Any, timeout: float = 600, length: int | None = None)
 def _create_via_api(model_dir: Path, name: str, prompt: str) -> dict[str, Any]:
     import hashlib
 
-    modelfile = (model_dir / "Modelfile").read_text(encoding="utf-8")
-    gguf_name = modelfile.splitlines()[0].split("./", 1)[1]
+    modelfile = read_modelfile((model_dir / "Modelfile").read_text(encoding="utf-8"))
+    gguf_name = modelfile["from"].removeprefix("./")
     path = model_dir / gguf_name
     sha = hashlib.sha256()
     with open(path, "rb") as fh:  # streamed: the file may be many GB
@@ -182,13 +243,10 @@ def _create_via_api(model_dir: Path, name: str, prompt: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             _post(f"/api/blobs/sha256:{digest}", fh, length=path.stat().st_size)
-        template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-        stops = [json.loads(line.split(" ", 2)[2]) for line in modelfile.splitlines()
-                 if line.startswith("PARAMETER stop ")]
-        body: dict[str, Any] = {"model": name, "files": {gguf_name: f"sha256:{digest}"}, "template": template,
-                                "parameters": {"stop": stops}}
-        if 'SYSTEM """' in modelfile:
-            body["system"] = modelfile.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+        body: dict[str, Any] = {"model": name, "files": {gguf_name: f"sha256:{digest}"},
+                                "template": modelfile["template"], "parameters": {"stop": modelfile["stop"]}}
+        if "system" in modelfile:
+            body["system"] = modelfile["system"]
         _post("/api/create", json.dumps(body).encode())
         reply = _post("/api/generate", json.dumps({"model": name, "prompt": prompt, "stream": False,
                                                    "options": {"num_predict": 16}}).encode(), timeout=300)

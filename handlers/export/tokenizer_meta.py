@@ -129,10 +129,26 @@ def looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
 
 
-def _add_space_prefix(tj: dict[str, Any]) -> bool:
+def _metaspace_scheme(tj: dict[str, Any]) -> str | None:
     for p in _pre_tokenizers(tj):
         if p.get("type") == "Metaspace":
-            return p.get("prepend_scheme", "always") != "never" and p.get("add_prefix_space", True)
+            return p.get("prepend_scheme", "always") if p.get("add_prefix_space", True) else "never"
+    return None
+
+
+def leading_space_only(tj: dict[str, Any]) -> bool:
+    """HF prepends SentencePiece's space only to the very start of the text, never after a special token
+    (Metaspace ``prepend_scheme: first``, what transformers 5 builds for Llama-style tokenizers)."""
+    return _metaspace_scheme(tj) == "first"
+
+
+def _add_space_prefix(tj: dict[str, Any]) -> bool:
+    """llama.cpp's add_space_prefix puts a space before the text *after every special token*, which is HF's
+    "always" scheme. For "first" it must be off: chat prompts start with a special token, and HF adds no space
+    after one; only text that starts with a plain word differs (HF gives it a leading space, llama.cpp not)."""
+    scheme = _metaspace_scheme(tj)
+    if scheme is not None:
+        return scheme == "always"
     norm = tj.get("normalizer") or {}
     for n in norm.get("normalizers", [norm]):
         if n.get("type") == "Prepend":

@@ -4,16 +4,21 @@
    and finite values in every float tensor.
 2. Load it with transformers' GGUF loader and compare next-token logits with the merged HF model, and the
    GGUF-built tokenizer's ids with the HF tokenizer's.
-3. With llama-cpp-python installed (extra ``gguf-runtime``): load it in llama.cpp and compare greedy tokens.
+3. With llama-cpp-python installed (extra ``gguf-runtime``), in a child process with a time limit: llama.cpp
+   must tokenize the rendered chat prompt exactly as training did; greedy tokens from llama.cpp's own tokens
+   are compared with transformers'.
 """
 from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from handlers.export import llama_cpp_check
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +73,55 @@ def _last_logits(model: Any, ids: list[int]) -> Any:
         return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-def prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+@dataclass
+class Probe:
+    """One verify prompt: the ids training / transformers make, and the text llama.cpp and Ollama get."""
+
+    text: str  # as transformers encodes it
+    ids: list[int]
+    special: bool  # add_special_tokens used for ``ids``
+    llama_text: str  # as llama.cpp is given it: it adds BOS itself when the GGUF says add_bos_token
+
+
+def plain_probe(tokenizer: Any, text: str) -> Probe:
+    """A plain string, encoded with the tokenizer's own special tokens (BOS where it adds one).
+
+    Where HF gives only the start of the text SentencePiece's leading space (see ``leading_space_only``) the GGUF
+    says add_space_prefix = false, so llama.cpp is given that space in the text, as a raw-completion client must.
+    """
+    import json as _json
+
+    from handlers.export.tokenizer_meta import leading_space_only
+
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    lead = backend is not None and leading_space_only(_json.loads(backend.to_str()))
+    llama_text = " " + text if lead and text and not text.startswith(tuple(tokenizer.all_special_tokens)) else text
+    return Probe(text, ids or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0], True, llama_text)
+
+
+def chat_probe(tokenizer: Any, messages: list[dict[str, str]], gguf_adds_bos: bool) -> Probe:
+    """A conversation rendered with a generation prompt: ids exactly as training encodes chats; llama.cpp gets
+    the same text minus a leading BOS it adds itself (as the Ollama TEMPLATE leaves it out)."""
+    from handlers.modelio import encode_chat_text, render_chat
+
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    bos = tokenizer.bos_token or ""
+    llama_text = text[len(bos):] if gguf_adds_bos and bos and text.startswith(bos) else text
+    return Probe(text, encode_chat_text(tokenizer, text), False, llama_text)
+
+
+def probes_of(tokenizer: Any, prompts: list[str | Probe]) -> list[Probe]:
+    return [p if isinstance(p, Probe) else plain_probe(tokenizer, p) for p in prompts]
+
+
+def prompt_ids(tokenizer: Any, prompts: list[str | Probe]) -> list[list[int]]:
     """Token ids per prompt as the merged model's tokenizer makes them (never empty)."""
-    out = []
-    for p in prompts:
-        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        out.append(ids or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0])
-    return out
+    return [p.ids for p in probes_of(tokenizer, prompts)]
 
 
 def compare_with_transformers(model_dir: Path, gguf_name: str, ref_model: Any, tokenizer: Any,
-                              prompts: list[str], override_config: bool) -> dict[str, Any]:
+                              prompts: list[str | Probe], override_config: bool) -> dict[str, Any]:
     """Next-token logits of the GGUF (loaded by transformers) against the merged model, per prompt.
 
     ``override_config``: load the GGUF's weights into the merged model's config, for settings transformers'
@@ -87,6 +130,7 @@ def compare_with_transformers(model_dir: Path, gguf_name: str, ref_model: Any, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    probes = probes_of(tokenizer, prompts)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "gguf_file": gguf_name}
     if override_config:
         kwargs["config"] = ref_model.config
@@ -94,59 +138,75 @@ def compare_with_transformers(model_dir: Path, gguf_name: str, ref_model: Any, t
         kwargs["pad_token_id"] = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
     diffs, agree = [], 0
-    for ids in prompt_ids(tokenizer, prompts):
-        a, b = _last_logits(ref_model, ids), _last_logits(model, ids)
+    for p in probes:
+        a, b = _last_logits(ref_model, p.ids), _last_logits(model, p.ids)
         diffs.append(float((a - b).abs().max()))
         agree += int(a.argmax() == b.argmax())
     del model
     gguf_tok = AutoTokenizer.from_pretrained(str(model_dir), gguf_file=gguf_name)
-    same_ids = sum(gguf_tok(p, add_special_tokens=True)["input_ids"] == tokenizer(p, add_special_tokens=True)["input_ids"]
-                   for p in prompts)
-    return {"max_abs_diff": max(diffs), "top1_agreement": agree / len(prompts),
-            "tokenizer_agreement": same_ids / len(prompts), "config_from": "merged" if override_config else "gguf"}
+    same_ids = sum(gguf_tok(p.text, add_special_tokens=p.special)["input_ids"] == p.ids for p in probes)
+    return {"max_abs_diff": max(diffs), "top1_agreement": agree / len(probes),
+            "tokenizer_agreement": same_ids / len(probes), "config_from": "merged" if override_config else "gguf"}
 
 
-def compare_with_llama_cpp(path: Path, ref_model: Any, tokenizer: Any, prompts: list[str],
-                           n_tokens: int = 8) -> dict[str, Any] | None:
-    """Greedy tokens from llama.cpp against transformers' greedy tokens (None: llama-cpp-python absent)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+def _mismatch(p: Probe, got: list[int]) -> dict[str, Any]:
+    at = next((i for i, (a, b) in enumerate(zip(p.ids, got)) if a != b), min(len(p.ids), len(got)))
+    return {"text": p.llama_text[:200], "first_difference_at": at, "training_ids": p.ids[max(0, at - 3):at + 5],
+            "llama_cpp_ids": got[max(0, at - 3):at + 5]}
+
+
+def compare_with_llama_cpp(path: Path, ref_model: Any, tokenizer: Any, prompts: list[str | Probe],
+                           n_tokens: int = 8, timeout: float = llama_cpp_check.TIMEOUT_SECONDS
+                           ) -> dict[str, Any] | None:
+    """llama.cpp (in a child process) tokenizes every prompt as llama.cpp and Ollama will, which must give the
+    training ids, then greedy-decodes from its own tokens; transformers decodes from the same tokens and the
+    agreement is reported. None: llama-cpp-python is not installed. ``{"crashed": ...}``: llama.cpp died or
+    hung (nothing is known about the file); ``{"error": ...}``: llama.cpp refused the file."""
+    if not llama_cpp_check.available():
         return None
     import torch
 
-    try:
-        llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=False)
-    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        return {"error": f"llama.cpp cannot load {path.name}: {exc}"}
-    same, total = 0, 0
-    for ids in prompt_ids(tokenizer, prompts):
+    probes = probes_of(tokenizer, prompts)
+    out = llama_cpp_check.run_in_child(Path(path), [{"text": p.llama_text, "generate": n_tokens} for p in probes],
+                                       timeout=timeout)
+    if "cases" not in out:
+        return out
+    same = total = 0
+    mismatches = []
+    for p, case in zip(probes, out["cases"]):
+        if case["ids"] != p.ids:
+            mismatches.append(_mismatch(p, case["ids"]))
         with torch.no_grad():
-            out = ref_model.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
-        llm.reset()
-        got = []
-        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            got.append(tok)
-            if len(got) >= len(out):
-                break
-        same += sum(int(a == b) for a, b in zip(out, got))
-        total += len(out)
-    gguf_ids = llm.tokenize(prompts[0].encode("utf-8"), add_bos=True, special=False)
-    del llm
-    return {"greedy_token_agreement": same / max(total, 1), "tokens_compared": total,
-            "tokenize_matches": gguf_ids == prompt_ids(tokenizer, prompts[:1])[0]}
+            ref = ref_model.generate(torch.tensor([case["ids"]]), max_new_tokens=n_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)[0, len(case["ids"]):].tolist()
+        same += sum(int(a == b) for a, b in zip(ref, case["generated"]))
+        total += len(ref)
+    result: dict[str, Any] = {"greedy_token_agreement": same / max(total, 1), "tokens_compared": total,
+                              "tokenize_matches": not mismatches}
+    if mismatches:
+        result["tokenize_mismatches"] = mismatches[:3]
+        result["tokenize_mismatch_count"] = len(mismatches)
+    return result
 
 
 def judge(out_type: str, numbers: dict[str, Any], cpp: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """(problems, warnings): float files must agree on top-1 for every prompt, quantized ones on most;
-    llama.cpp must load the file (its greedy tokens and tokenization are reported, divergence warns)."""
+    llama.cpp must load the file and tokenize every prompt exactly as training did (greedy divergence warns).
+    A llama.cpp crash is neither: the caller withholds that file (``cpp["crashed"]``)."""
     problems, warnings = [], []
     if cpp is not None and "error" in cpp:
         problems.append(cpp["error"])
-    elif cpp is not None and (cpp["greedy_token_agreement"] < 1.0 or not cpp["tokenize_matches"]):
-        warnings.append(f"{out_type}: llama.cpp's greedy tokens agree {cpp['greedy_token_agreement']:.2f} with "
-                        f"transformers (tokenization {'matches' if cpp['tokenize_matches'] else 'differs'})")
+    elif cpp is not None and "crashed" not in cpp:
+        if not cpp["tokenize_matches"]:
+            first = cpp["tokenize_mismatches"][0]
+            problems.append(
+                f"{out_type}: llama.cpp tokenizes {cpp['tokenize_mismatch_count']} verify prompt(s) differently "
+                f"from training (first: {first['text'][:60]!r} at token {first['first_difference_at']}: training "
+                f"{first['training_ids']}, llama.cpp {first['llama_cpp_ids']}); the GGUF's tokenizer metadata "
+                "does not describe the HF tokenizer (see verification.json)")
+        if cpp["greedy_token_agreement"] < 1.0:
+            warnings.append(f"{out_type}: llama.cpp's greedy tokens agree {cpp['greedy_token_agreement']:.2f} "
+                            "with transformers from the same prompt tokens")
     need = 1.0 if out_type in ("f16", "bf16") else 0.5
     if numbers["top1_agreement"] < need:
         problems.append(f"{out_type}: top-1 agreement {numbers['top1_agreement']:.2f} with the merged model "
