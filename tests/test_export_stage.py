@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,52 @@ def test_merge_keeps_the_base_dtype(tmp_path):
     # the reference model for verification holds exactly the stored (bf16-rounded) weights
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16), stored)
     assert not any("lora" in n for n in model.state_dict())
+
+
+@pytest.mark.slow
+def test_a_llama_cpp_crash_withholds_that_file_and_publishes_the_rest(tmp_path):
+    """llama.cpp really dies of SIGSEGV on the Q8_0 file (test hook, as on CPUs whose AMX kernels crash):
+    the stage succeeds with the F16 file and says which file was withheld, why, and what to do."""
+    from handlers.export import llama_cpp_check
+
+    if not llama_cpp_check.available():
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
+    base = modelio.resolve_base_model("builtin:tiny", tmp_path)
+    ctx = F.export_context(tmp_path, Path(base), model={"name": "tiny-job", "version": 1})
+    env = {**os.environ, llama_cpp_check.FAULT_ENV: "SIGSEGV:q8_0"}
+    proc = subprocess.run([sys.executable, "-m", "handlers", "export", str(ctx.stage_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((ctx.stage_dir / "result.json").read_text())
+    model_dir = ctx.stage_dir / "model"
+    assert result["model"]["gguf"] == ["tiny-job-f16.gguf"] and "gguf_q8_0" not in result["artifacts"]
+    assert not (model_dir / "tiny-job-q8_0.gguf").exists() and (model_dir / "tiny-job-f16.gguf").exists()
+    reason = result["summary"]["withheld"]["q8_0"]
+    assert reason.startswith("tiny-job-q8_0.gguf: llama.cpp was killed by SIGSEGV in the check 'generate from")
+    assert "withheld tiny-job-q8_0.gguf (" in result["message"]
+    verification = json.loads((model_dir / "verification.json").read_text())
+    assert [g["file"] for g in verification["withheld"]] == ["tiny-job-q8_0.gguf"]
+    assert verification["withheld"][0]["llama_cpp"]["signal"] == "SIGSEGV" and verification["problems"] == []
+    assert any(w.startswith("tiny-job-q8_0.gguf withheld: ") for w in verification["warnings"])
+    assert (model_dir / "Modelfile").read_text().startswith("FROM ./tiny-job-f16.gguf\n")
+    card = (model_dir / "README.md").read_text()
+    assert "## Files not published" in card and "`tiny-job-q8_0.gguf` (q8_0): tiny-job-q8_0.gguf: llama.cpp was killed" in card
+
+
+def test_a_stage_killed_by_a_signal_has_a_failure_message(tmp_path):
+    """What the supervisor records when a stage dies of SIGSEGV: the signal and the log's last line, never empty."""
+    from daemon.children import failure_message
+
+    log = tmp_path / "stage.log"
+    with open(log, "wb") as fh:
+        code = subprocess.run([sys.executable, "-X", "faulthandler", "-c",
+                               "import os, signal; print('converting blk.3', flush=True); "
+                               "os.kill(os.getpid(), signal.SIGSEGV)"], stdout=fh, stderr=subprocess.STDOUT).returncode
+    assert code == -signal.SIGSEGV
+    message = failure_message("export", code, None, log, 40)
+    first = message.splitlines()[0]
+    assert first.startswith("stage export killed by SIGSEGV (a crash inside native code")
+    assert first.endswith("its log ends with: File \"<string>\", line 1 in <module>"), first
+    assert "converting blk.3" in message and "Fatal Python error: Segmentation fault" in message
+    log.write_bytes(b"")
+    assert failure_message("export", code, None, log, 40).splitlines()[0].endswith(": stage.log is empty")

@@ -114,7 +114,8 @@ def mistral_export(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("mistral") / "mistral-shaped"
     model_dir.mkdir()
     (model_dir / "tokenizer.model").write_bytes(sp_file.read_bytes())
-    tok = F.spm_hf_tokenizer(sp_file, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    # legacy=True: SentencePiece's own rule, a leading space before every piece of text (prepend_scheme always)
+    tok = F.spm_hf_tokenizer(sp_file, unk_token="<unk>", bos_token="<s>", eos_token="</s>", legacy=True)
     tok.save_pretrained(model_dir)
     config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
@@ -143,12 +144,17 @@ def test_real_mistral_sentencepiece_vocabulary_survives(mistral_export):
 
 
 def test_llama_cpp_tokenizes_the_real_vocabulary_like_sentencepiece(mistral_export):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    from handlers.export import llama_cpp_check
+
+    if not llama_cpp_check.available():  # found without importing it: llama.cpp never runs in the test runner
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
     import sentencepiece as spm
 
     sp_file, model_dir, _got = mistral_export
     sp = spm.SentencePieceProcessor(model_file=str(sp_file))
-    llm = llama_cpp.Llama(model_path=str(model_dir / "t.gguf"), n_ctx=64, verbose=False)
-    for text in ["Hello world", " leading space", "multiple   spaces\n\nnew lines\ttabs", "résumé naïve 東京 🚀",
-                 "def f(x):\n    return x**2  # comment", "numbers 1234567 3.14159 and ALL CAPS"]:
-        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == sp.encode(text), text
+    texts = ["Hello world", " leading space", "multiple   spaces\n\nnew lines\ttabs", "résumé naïve 東京 🚀",
+             "def f(x):\n    return x**2  # comment", "numbers 1234567 3.14159 and ALL CAPS"]
+    out = llama_cpp_check.run_in_child(model_dir / "t.gguf", [
+        {"text": t, "generate": 0, "add_special": False, "parse_special": False} for t in texts])
+    for text, case in zip(texts, out["cases"]):
+        assert case["ids"] == sp.encode(text), text

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from handlers import modelio
-from handlers.export import verify
+from handlers.export import llama_cpp_check, verify
 from handlers.export.gguf_writer import write_gguf
 from handlers.export.tokenizer_meta import read_tokenizer_meta
 
@@ -91,14 +91,16 @@ def test_a_different_plan_is_reported(tiny):
 
 
 def test_llama_cpp_greedy_tokens_match_transformers(tiny):
-    pytest.importorskip("llama_cpp")
+    if not llama_cpp_check.available():  # found without importing it: llama.cpp never runs in the test runner
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
     _d, _c, tokenizer, written, ref = tiny
     numbers = verify.compare_with_llama_cpp(written.path, ref, tokenizer, PROMPTS, n_tokens=8)
     assert numbers == {"greedy_token_agreement": 1.0, "tokens_compared": 24, "tokenize_matches": True}
 
 
 def test_llama_cpp_rejecting_a_file_is_a_problem(tiny):
-    pytest.importorskip("llama_cpp")
+    if not llama_cpp_check.available():  # found without importing it: llama.cpp never runs in the test runner
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
     _d, _c, tokenizer, written, ref = tiny
     path = _copy(tiny, "cut.gguf")
     path.write_bytes(path.read_bytes()[:4096])
@@ -106,3 +108,35 @@ def test_llama_cpp_rejecting_a_file_is_a_problem(tiny):
     assert "cannot load cut.gguf" in cpp["error"]
     numbers = {"top1_agreement": 1.0, "max_abs_diff": 0.0, "tokenizer_agreement": 1.0}
     assert verify.judge("f16", numbers, cpp)[0] == [cpp["error"]]
+
+
+@pytest.mark.parametrize("fault", ["SIGSEGV", "SIGABRT"])
+def test_a_crashing_llama_cpp_is_a_clear_result(tiny, monkeypatch, fault):
+    """The verifier's child really dies of the signal (test hook); the caller gets a reason, not a dead process."""
+    import sys
+
+    if not llama_cpp_check.available():
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
+    _d, _c, tokenizer, written, ref = tiny
+    monkeypatch.setenv(llama_cpp_check.FAULT_ENV, f"{fault}:good")
+    cpp = verify.compare_with_llama_cpp(written.path, ref, tokenizer, PROMPTS)
+    assert cpp["signal"] == fault and cpp["check"] == "generate from prompt 1"
+    assert cpp["crashed"].startswith(f"good.gguf: llama.cpp was killed by {fault} in the check 'generate from prompt 1'")
+    assert "-DGGML_NATIVE=OFF" in cpp["crashed"]
+    numbers = {"top1_agreement": 1.0, "max_abs_diff": 0.0, "tokenizer_agreement": 1.0}
+    assert verify.judge("f16", numbers, cpp) == ([], [])  # withheld by the stage, not a verification failure
+    assert "llama_cpp" not in sys.modules
+
+
+def test_a_hanging_llama_cpp_is_cut_by_the_time_limit(tiny, monkeypatch):
+    import time
+
+    if not llama_cpp_check.available():
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
+    _d, _c, tokenizer, written, ref = tiny
+    monkeypatch.setenv(llama_cpp_check.FAULT_ENV, "hang:good")
+    start = time.monotonic()
+    cpp = verify.compare_with_llama_cpp(written.path, ref, tokenizer, PROMPTS, timeout=15)
+    assert time.monotonic() - start < 60
+    assert cpp["timeout_seconds"] == 15 and cpp["check"] == "generate from prompt 1"
+    assert "llama.cpp hung in the check 'generate from prompt 1' and was stopped after 15 s" in cpp["crashed"]

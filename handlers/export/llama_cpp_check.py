@@ -61,7 +61,8 @@ def _signal_name(code: int) -> str:
 
 
 def run_in_child(gguf: Path, cases: list[dict[str, Any]], timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
-    """Results of ``cases`` (``{"text", "generate"}``) on ``gguf``, or a plain failure: ``{"crashed": reason,
+    """Results of ``cases`` (``{"text", "generate"}``, optionally ``"add_special"``/``"parse_special"``: False
+    to tokenize raw text without BOS or special-token parsing) on ``gguf``, or a plain failure: ``{"crashed": reason,
     "signal"|"timeout_seconds", "check"}`` when llama.cpp died or hung, ``{"error": reason}`` when it refused
     the file. Success: ``{"cases": [{"ids", "generated"}]}``."""
     gguf = Path(gguf)
@@ -118,7 +119,9 @@ def _child(request_path: str, result_path: str) -> int:
     results = []
     for i, case in enumerate(request["cases"]):
         _phase(f"tokenize prompt {i + 1}")
-        ids = llm.tokenize(case["text"].encode("utf-8"), add_bos=True, special=True)
+        # add_bos=True lets llama.cpp add BOS as the GGUF says (add_bos_token), as Ollama and llama-cli do
+        ids = llm.tokenize(case["text"].encode("utf-8"), add_bos=case.get("add_special", True),
+                           special=case.get("parse_special", True))
         generated: list[int] = []
         if case.get("generate"):
             _phase(f"generate from prompt {i + 1}")
