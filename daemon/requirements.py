@@ -6,13 +6,16 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from daemon.errors import Problem
 from daemon.jobspec import JobSpec
-from handlers.export.support import check_export_requirements
+from handlers.export.support import architecture_of, check_export_requirements
 from handlers.registry import STAGES
 from handlers.train.requirements import check_train_requirements
 
+BASE_MODEL_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 _KEY_PREFIX = re.compile(r"^((?:train|export|evaluate)\.[a-z_.]+): ")
 
 
@@ -31,8 +34,10 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
         if spec.train.method == "qlora" and gpu_count and importlib.util.find_spec("bitsandbytes") is None:
             problems.append(Problem("QLoRA needs bitsandbytes, which is not installed", key="train.method",
                                     fix="pip install 'trainbox[gpu]'"))
+    base_problems, base_config = check_base_model_folder(spec.base_model)
+    problems += base_problems
     if "export" in spec.stages:
-        problems += _export_problems(spec)
+        problems += [_problem(msg, "export.gguf") for msg in check_export_requirements(base_config, spec.export)]
     return problems
 
 
@@ -44,13 +49,49 @@ def _problem(message: str, default_key: str) -> Problem:
     return Problem(message, key=default_key)
 
 
-def _export_problems(spec: JobSpec) -> list[Problem]:
-    config = Path(spec.base_model) / "config.json"
-    if not config.is_file():
-        return []  # builtin:tiny is a Llama; hub ids are checked when the export stage loads them
+def _read_json(path: Path) -> tuple[Any, Problem | None]:
+    """A JSON file of the base model folder, or the problem naming its line and column."""
+    fix = ("repair or re-download that file (save the model with save_pretrained), or point base_model at "
+           "another folder")
     try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        return [Problem(f"cannot read {config}: {exc}", key="base_model",
-                        fix="point base_model at a complete Hugging Face model folder")]
-    return [_problem(msg, "export.gguf") for msg in check_export_requirements(data, spec.export)]
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except json.JSONDecodeError as exc:
+        return None, Problem(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+                             key="base_model", fix=fix)
+    except UnicodeDecodeError as exc:
+        return None, Problem(f"{path}: not UTF-8 text (byte {exc.start})", key="base_model", fix=fix)
+    except OSError as exc:
+        return None, Problem(f"{path}: cannot be read ({exc.strerror})", key="base_model", fix=fix)
+
+
+def check_base_model_folder(base_model: str) -> tuple[list[Problem], dict[str, Any] | None]:
+    """Problems of a local base model folder found without loading it (json only: the daemon stays torch-free):
+    config.json and the tokenizer files parse, a tokenizer is there, the config names a causal LM. Also the
+    parsed config.json (None when unusable). A hub id or builtin:tiny has no folder: checked when loaded."""
+    folder = Path(base_model).expanduser()
+    if not folder.is_dir():
+        return [], None
+    problems: list[Problem] = []
+    parsed: dict[str, Any] = {}
+    for name in BASE_MODEL_JSON:
+        if (folder / name).is_file():
+            parsed[name], problem = _read_json(folder / name)
+            problems += [problem] if problem else []
+    if not (folder / "config.json").is_file():
+        problems.append(Problem(f"{folder} has no config.json", key="base_model",
+                                fix="point base_model at a folder saved with save_pretrained (model and tokenizer)"))
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        problems.append(Problem(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)", key="base_model",
+                                fix="save the tokenizer into the same folder (tokenizer.save_pretrained)"))
+    config = parsed.get("config.json")
+    if not isinstance(config, dict):
+        return problems, None
+    arch = architecture_of(config)
+    if arch is None:
+        problems.append(Problem(f"{folder / 'config.json'} names no architecture (no \"architectures\" and no "
+                                "known \"model_type\")", key="base_model",
+                                fix="use a folder saved by transformers' save_pretrained"))
+    elif not arch.endswith("ForCausalLM") and not arch.endswith("LMHeadModel"):
+        problems.append(Problem(f"{folder / 'config.json'}: {arch} is not a causal language model", key="base_model",
+                                fix="fine-tune a decoder-only model (e.g. Phi-3, Qwen2, Llama, Mistral)"))
+    return problems, config

@@ -156,3 +156,108 @@ def test_ollama_api_gets_the_blob_then_the_model(tmp_path, monkeypatch):
     assert json.loads(calls[1][1]) == {"model": "job:v1", "files": {"m.gguf": f"sha256:{digest}"},
                                        "template": "{{ .Prompt }}", "parameters": {"stop": ["<|end|>"]},
                                        "system": "Be brief."}
+
+
+def parse_like_ollama(text):
+    """(command, argument) pairs as Ollama's Modelfile parser reads them: a Python port of ParseFile in
+    ollama/parser/parser.go (no escapes; a value ends at a newline once its quotes are complete; runes that are
+    not printable vanish)."""
+    nil, name_, value, param, comment = range(5)
+
+    def unquote(s):
+        for q in ('"""', '"'):
+            if s.startswith(q):
+                return (s[len(q):-len(q)], True) if len(s) >= 2 * len(q) and s.endswith(q) else ("", False)
+        return s, True
+
+    def step(r, state):
+        if state == nil:
+            return (comment, None) if r == "#" else (nil, None) if r in " \t\r\n" else (name_, r)
+        if state == name_:
+            if r.isascii() and r.isalpha():
+                return name_, r
+            assert r in " \t", "invalid command"
+            return value, None
+        if state == value:
+            return (nil, r) if r in " \t\r\n" else (value, r)
+        if state == param:
+            if (r.isascii() and r.isalnum()) or r == "_":
+                return param, r
+            assert r in " \t", "unexpected EOF"
+            return value, None
+        return (nil, None) if r in "\r\n" else (comment, None)
+
+    commands, state, buf, cmd = [], nil, "", None
+    for r in text:
+        nxt, keep = step(r, state)
+        if nxt != state:
+            if state == name_:
+                cmd = {"from": "model"}.get(buf.lower(), buf.lower())
+                nxt = param if buf.lower() == "parameter" else nxt
+            elif state == param:
+                cmd = buf
+            elif state == value:
+                arg, ok = unquote(buf.strip())
+                if not ok or r in " \t":
+                    buf += r
+                    continue
+                commands.append((cmd, arg))
+            buf, state = "", nxt
+        if keep is not None and keep.isprintable():
+            buf += keep
+    if state == value:
+        arg, ok = unquote(buf.strip())
+        assert ok, "unexpected EOF"
+        commands.append((cmd, arg))
+    return commands
+
+
+def _go_text(template):
+    """The text a Go template's constants stand for (the escapes go_literal writes)."""
+    import re
+
+    return re.sub(r'\{\{ "((?:[^"\\]|\\.)*)" \}\}', lambda m: m.group(1).encode().decode("unicode_escape"), template)
+
+
+def test_ollama_reads_the_modelfile_back_as_written(tokenizer):
+    t = _translate(tokenizer, F.CHATML_TEMPLATE)
+    text = ollama.modelfile_text("m-q8_0.gguf", t, "<|im_end|>", 'Say "hi".\n  Then stop.')
+    assert parse_like_ollama(text) == [("model", "./m-q8_0.gguf"), ("template", t.go_template()),
+                                       ("stop", "<|im_end|>"), ("stop", "<|im_start|>user"),
+                                       ("system", 'Say "hi".\n  Then stop.')]
+    assert ollama.read_modelfile(text) == {"from": "./m-q8_0.gguf", "template": t.go_template(),
+                                           "stop": ["<|im_end|>", "<|im_start|>user"],
+                                           "system": 'Say "hi".\n  Then stop.'}
+
+
+@pytest.mark.parametrize("system", ['Be nice."""\nADAPTER /etc/passwd\nFROM /tmp/evil.gguf\nSYSTEM """x',
+                                    'ok"""', "line\u2028separator", "nul\x00byte"])
+def test_a_system_text_ollama_cannot_read_back_is_refused(tokenizer, system):
+    t = _translate(tokenizer, F.CHATML_TEMPLATE)
+    with pytest.raises(ollama.UnsafeModelfileValue, match="export.ollama.system contains"):
+        ollama.modelfile_text("m.gguf", t, "<|im_end|>", system)
+
+
+def test_a_hostile_chat_template_stays_one_template(tokenizer):
+    """A base model's chat template with a triple quote and Modelfile lines in it, and an unprintable rune."""
+    evil = '"""\nADAPTER /etc/passwd\nFROM /tmp/evil.gguf\nSYSTEM """'
+    t = ollama.Translation("custom", "", ("<|user|>\n", "<|end|>\u2028"), (f"<|assistant|>{evil}\n", '<|end|>"'),
+                           "<|assistant|>\n", None)
+    text = ollama.modelfile_text("m.gguf", t, None, None)
+    commands = parse_like_ollama(text)
+    assert [c for c, _a in commands] == ["model", "template", "stop", "stop", "stop"]
+    assert commands[0] == ("model", "./m.gguf")
+    template = _go_text(commands[1][1])
+    assert f"<|assistant|>{evil}\n{{{{ .Content }}}}<|end|>\"" in template and "<|end|>\u2028" in template
+    assert ("stop", '<|end|>"') in commands  # a quote in a stop word: triple-quoted, read back exactly
+    # a stop word cannot be escaped: one that would break out is refused with the reason
+    t.user = (f"<|user|>{evil}\n", "<|end|>")
+    with pytest.raises(ollama.UnsafeModelfileValue, match='a stop word of the chat template contains """'):
+        ollama.modelfile_text("m.gguf", t, None, None)
+
+
+def test_file_names_that_are_not_plain_relative_paths_are_refused(tokenizer):
+    t = _translate(tokenizer, F.CHATML_TEMPLATE)
+    for bad in ("../x.gguf", "/etc/passwd.gguf", "a b.gguf", "x.gguf\nADAPTER /etc/passwd"):
+        with pytest.raises(ollama.UnsafeModelfileValue, match="cannot be a relative FROM path"):
+            ollama.modelfile_text(bad, t, None, None)

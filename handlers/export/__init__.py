@@ -130,10 +130,10 @@ def run(ctx: StageContext) -> StageResult:
     name = (ctx.model or {}).get("name") or ctx.job.name
     version = int((ctx.model or {}).get("version") or 1)
     base_ref = str(ctx.results["train"]["summary"]["base_model_path"])
-    if Path(base_ref).is_dir() and (Path(base_ref) / "config.json").is_file():
-        issues = check_export_requirements(json.loads((Path(base_ref) / "config.json").read_text()), spec)
-        if issues:
-            raise StageFailed("; ".join(issues))
+    config_path = Path(base_ref) / "config.json"
+    issues = check_export_requirements(json.loads(config_path.read_text()) if config_path.is_file() else None, spec)
+    if issues:
+        raise StageFailed("; ".join(issues))
     start = time.perf_counter()
     out = ctx.stage_dir / MODEL_DIR
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts clean

@@ -29,14 +29,30 @@ def supported_list() -> str:
     return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
 
 
+def _modelfile_problems(spec: Any) -> list[str]:
+    """export.ollama.system goes into the Modelfile verbatim: refuse what Ollama would not read back as written."""
+    from handlers.export.ollama import UnsafeModelfileValue, quoted
+
+    system = getattr(getattr(spec, "ollama", None), "system", None)
+    if not system:
+        return []
+    try:
+        quoted(system, "export.ollama.system", triple=True)
+    except UnsafeModelfileValue as exc:
+        return [f"export.ollama.system: {str(exc).removeprefix('export.ollama.system ')}"]
+    return []
+
+
 def check_export_requirements(model_config_json: dict[str, Any] | None, spec: Any) -> list[str]:
     """Problems that would make the export stage fail for this base model and ``ExportSpec`` (empty: fine).
 
     ``model_config_json`` is the base model's config.json (None when unknown, e.g. a hub id: nothing to check).
     """
-    if model_config_json is None or not getattr(spec, "gguf", None):
+    if not getattr(spec, "gguf", None):
         return []
-    problems: list[str] = []
+    problems = _modelfile_problems(spec)
+    if model_config_json is None:
+        return problems
     arch = architecture_of(model_config_json)
     if arch is None:
         problems.append("the base model's config.json names no architecture; GGUF export supports "
