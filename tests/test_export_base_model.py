@@ -41,7 +41,8 @@ def test_a_corrupt_tokenizer_json_is_named_with_line_and_column(tmp_path):
     column = where - text.rindex("\n", 0, where)
     problems = check_job(_job(folder), gpu_count=0)
     assert len(problems) == 1 and problems[0].key == "base_model"
-    assert problems[0].message.startswith(f"{folder / 'tokenizer.json'}: not valid JSON at line {line} column {column}: ")
+    where = f"{folder / 'tokenizer.json'}: not valid JSON at line {line} column {column}: "
+    assert problems[0].message.startswith(where)
     assert "Invalid control character" in problems[0].message and "pip install" not in problems[0].render("job.yaml")
 
 

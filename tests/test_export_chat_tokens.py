@@ -124,3 +124,17 @@ def test_the_verifier_reports_a_tokenization_difference(real, tmp_path):
     numbers = {"top1_agreement": 1.0, "max_abs_diff": 0.0, "tokenizer_agreement": 1.0}
     problems, _warnings = verify.judge("f16", numbers, cpp)
     assert len(problems) == 1 and "tokenizes 1 verify prompt(s) differently from training" in problems[0]
+
+
+def test_the_ollama_template_renders_the_prompts_llama_cpp_was_checked_with(real):
+    """What Ollama builds from the Modelfile TEMPLATE is the text the verifier gave llama.cpp."""
+    from handlers.export import ollama
+
+    _name, _dir, _config, tokenizer, meta, _written = real
+    t = ollama.translate(lambda m, g: modelio.render_chat(tokenizer, m, add_generation_prompt=g),
+                         tokenizer.chat_template, tokenizer.bos_token, meta.add_bos)
+    chats = conversations(24)
+    if t.system is None:
+        chats = [[m for m in c if m["role"] != "system"] for c in chats]
+    for chat in chats:
+        assert t.render(chat) == verify.chat_probe(tokenizer, chat, meta.add_bos).llama_text

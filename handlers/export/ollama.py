@@ -90,8 +90,8 @@ def quoted(value: str, field: str, triple: bool = False) -> str:
     at ``\"\"\"``, and unprintable characters vanish. Either form is chosen where it is exact; else refused."""
     bad = _unprintable(value)
     if bad:
-        raise UnsafeModelfileValue(f"{field} contains characters that an Ollama Modelfile cannot hold ({', '.join(bad)}, "
-                                   "which ollama create would silently drop); remove them")
+        raise UnsafeModelfileValue(f"{field} contains characters that an Ollama Modelfile cannot hold "
+                                   f"({', '.join(bad)}, which ollama create would silently drop); remove them")
     if '"""' in value:
         raise UnsafeModelfileValue(f'{field} contains \"\"\", which would end its quoted value in the Modelfile '
                                    "and turn the rest into Modelfile instructions; remove or rephrase it")

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from handlers.export import llama_cpp_check
+from handlers.export.tokenizer_meta import leading_space_only
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,9 @@ def plain_probe(tokenizer: Any, text: str) -> Probe:
     Where HF gives only the start of the text SentencePiece's leading space (see ``leading_space_only``) the GGUF
     says add_space_prefix = false, so llama.cpp is given that space in the text, as a raw-completion client must.
     """
-    import json as _json
-
-    from handlers.export.tokenizer_meta import leading_space_only
-
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    lead = backend is not None and leading_space_only(_json.loads(backend.to_str()))
+    lead = backend is not None and leading_space_only(json.loads(backend.to_str()))
     llama_text = " " + text if lead and text and not text.startswith(tuple(tokenizer.all_special_tokens)) else text
     return Probe(text, ids or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0], True, llama_text)
 
