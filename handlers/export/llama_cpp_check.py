@@ -69,7 +69,8 @@ def run_in_child(gguf: Path, cases: list[dict[str, Any]], timeout: float = TIMEO
     with tempfile.TemporaryDirectory(prefix="trainbox-llama-cpp-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"gguf": str(gguf), "cases": cases}), encoding="utf-8")
-        cmd = [sys.executable, str(Path(__file__).resolve()), str(request), str(result)]
+        # -I: only the standard library and site-packages, not this folder's modules or PYTHONPATH
+        cmd = [sys.executable, "-I", str(Path(__file__).resolve()), str(request), str(result)]
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:  # subprocess.run has killed the child
