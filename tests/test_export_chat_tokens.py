@@ -49,14 +49,26 @@ def _supports_system(tokenizer) -> bool:
     return "system" in (tokenizer.chat_template or "")
 
 
-@pytest.fixture(scope="module", params=["phi3", "tinyllama", "mistral"])
-def real(request, tmp_path_factory):
-    model_dir = F.tiny_real_tokenizer(tmp_path_factory.mktemp(request.param), request.param)
-    config = json.loads((model_dir / "config.json").read_text())
-    tokenizer = modelio.load_tokenizer(model_dir)
-    meta = read_tokenizer_meta(model_dir, config["vocab_size"], tokenizer)
-    written = write_gguf(model_dir, model_dir / "m-f16.gguf", "f16", meta, name="tiny-job", config=config)
-    return request.param, model_dir, config, tokenizer, meta, written
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """which -> (which, model dir, config, tokenizer, meta, F16 GGUF), each built once per module."""
+    cache = {}
+
+    def get(which):
+        if which not in cache:
+            model_dir = F.tiny_real_tokenizer(tmp_path_factory.mktemp(which), which)
+            config = json.loads((model_dir / "config.json").read_text())
+            tokenizer = modelio.load_tokenizer(model_dir)
+            meta = read_tokenizer_meta(model_dir, config["vocab_size"], tokenizer)
+            written = write_gguf(model_dir, model_dir / "m-f16.gguf", "f16", meta, name="tiny-job", config=config)
+            cache[which] = which, model_dir, config, tokenizer, meta, written
+        return cache[which]
+    return get
+
+
+@pytest.fixture(params=["phi3", "tinyllama", "mistral"])
+def real(request, built):
+    return built(request.param)
 
 
 def _chat_probes(tokenizer, meta):
@@ -81,11 +93,9 @@ def test_every_rendered_chat_tokenizes_as_in_training(real):
     assert "llama_cpp" not in sys.modules  # the test runner never loads llama.cpp
 
 
-def test_phi3_needs_its_name_marker_in_the_gguf(real, tmp_path, monkeypatch):
+def test_phi3_needs_its_name_marker_in_the_gguf(built, tmp_path, monkeypatch):
     """Without "phi3" in general.name llama.cpp keeps the newline after <|user|> etc. as a token of its own."""
-    name, model_dir, config, tokenizer, meta, _written = real
-    if name != "phi3":
-        pytest.skip("the general.name marker only changes Phi-3 vocabularies")
+    _name, model_dir, config, tokenizer, meta, _written = built("phi3")
     monkeypatch.setattr(gguf_writer, "general_name", lambda n, arch, tokens: n)
     plain = write_gguf(model_dir, tmp_path / "plain.gguf", "f16", meta, name="tiny-job", config=config)
     probes = _chat_probes(tokenizer, meta)
@@ -106,12 +116,11 @@ def test_training_llama_cpp_and_ollama_agree_on_bos(real):
     assert meta.add_bos == (name == "tinyllama")
 
 
-def test_the_verifier_reports_a_tokenization_difference(real, tmp_path):
+def test_the_verifier_reports_a_tokenization_difference(built, tmp_path):
     """A GGUF that adds no BOS where training had one fails verification with the first differing tokens."""
-    name, model_dir, config, tokenizer, meta, _written = real
-    if name != "tinyllama":
-        pytest.skip("one tokenizer that adds BOS is enough")
     from dataclasses import replace
+
+    _name, model_dir, config, tokenizer, meta, _written = built("tinyllama")
 
     wrong = write_gguf(model_dir, tmp_path / "nobos.gguf", "f16", replace(meta, add_bos=False), name="t",
                        config=config)
