@@ -141,3 +141,28 @@ def test_a_hanging_llama_cpp_is_cut_by_the_time_limit(tiny, monkeypatch):
     assert time.monotonic() - start < 60
     assert cpp["timeout_seconds"] == 15 and cpp["check"] == "generate from prompt 1"
     assert "llama.cpp hung in the check 'generate from prompt 1' and was stopped after 15 s" in cpp["crashed"]
+
+
+def test_a_crash_only_in_llama_cpps_extra_cpu_kernels_is_verified_without_them(tiny, monkeypatch):
+    """Like the AMX case: the default run dies of SIGSEGV (test hook, only while extra buffer types are on);
+    the second run with use_extra_bufts = false checks the file, and the crash is reported as a warning."""
+    if not llama_cpp_check.available():
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
+    _d, _c, tokenizer, written, ref = tiny
+    monkeypatch.setenv(llama_cpp_check.FAULT_ENV, "SIGSEGV@extra:good")
+    cpp = verify.compare_with_llama_cpp(written.path, ref, tokenizer, PROMPTS, n_tokens=8)
+    assert cpp["default_kernels_crashed"].startswith("good.gguf: llama.cpp was killed by SIGSEGV")
+    assert (cpp["greedy_token_agreement"], cpp["tokens_compared"], cpp["tokenize_matches"]) == (1.0, 24, True)
+    numbers = {"top1_agreement": 1.0, "max_abs_diff": 0.0, "tokenizer_agreement": 1.0}
+    problems, warnings = verify.judge("q8_0", numbers, cpp)
+    assert problems == [] and len(warnings) == 1 and "use_extra_bufts = false" in warnings[0]
+
+
+def test_llama_cpp_without_extra_buffer_types_gives_the_same_tokens(tiny):
+    if not llama_cpp_check.available():
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
+    _d, _c, _tok, written, _ref = tiny
+    cases = [{"text": p, "generate": 8} for p in PROMPTS]
+    default = llama_cpp_check.run_in_child(written.path, cases)
+    assert llama_cpp_check.run_in_child(written.path, cases, no_extra_bufts=True) == default
+    assert len(default["cases"]) == 3 and all(len(c["generated"]) == 8 for c in default["cases"])

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 TIMEOUT_SECONDS = 300.0
-# Test hook: "<SIGNAME or hang>:<part of the file name>" makes the child fail that way on matching files
+# Test hook: "<SIGNAME or hang>[@extra]:<part of the file name>" makes the child fail that way on matching files
+# (with "@extra" only while llama.cpp's extra CPU buffer types are on, like the AMX crash)
 FAULT_ENV = "TRAINBOX_TEST_LLAMA_CPP_FAULT"
 PHASE = "PHASE "
 NATIVE_CRASH_ADVICE = (
@@ -60,15 +61,19 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_in_child(gguf: Path, cases: list[dict[str, Any]], timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
+def run_in_child(gguf: Path, cases: list[dict[str, Any]], timeout: float = TIMEOUT_SECONDS,
+                 no_extra_bufts: bool = False) -> dict[str, Any]:
     """Results of ``cases`` (``{"text", "generate"}``, optionally ``"add_special"``/``"parse_special"``: False
     to tokenize raw text without BOS or special-token parsing) on ``gguf``, or a plain failure: ``{"crashed": reason,
     "signal"|"timeout_seconds", "check"}`` when llama.cpp died or hung, ``{"error": reason}`` when it refused
-    the file. Success: ``{"cases": [{"ids", "generated"}]}``."""
+    the file. Success: ``{"cases": [{"ids", "generated"}]}``. ``no_extra_bufts``: load with llama.cpp's extra CPU
+    buffer types off (``use_extra_bufts = false``, ``llama-cli --no-repack``), which keeps weights out of the AMX
+    and repacked kernels."""
     gguf = Path(gguf)
     with tempfile.TemporaryDirectory(prefix="trainbox-llama-cpp-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"gguf": str(gguf), "cases": cases}), encoding="utf-8")
+        request.write_text(json.dumps({"gguf": str(gguf), "cases": cases, "no_extra_bufts": no_extra_bufts}),
+                           encoding="utf-8")
         # -I: only the standard library and site-packages, not this folder's modules or PYTHONPATH
         cmd = [sys.executable, "-I", str(Path(__file__).resolve()), str(request), str(result)]
         try:
@@ -96,10 +101,11 @@ def _phase(name: str) -> None:
     sys.stdout.flush()
 
 
-def _maybe_fault(gguf: str) -> None:
+def _maybe_fault(gguf: str, extra_bufts: bool) -> None:
     """The test hook (see FAULT_ENV): fail like a native crash or a hang, on matching files only."""
     how, _, part = os.environ.get(FAULT_ENV, "").partition(":")
-    if not how or part not in Path(gguf).name:
+    how, _, only_extra = how.partition("@")
+    if not how or part not in Path(gguf).name or (only_extra and not extra_bufts):
         return
     if how == "hang":
         time.sleep(3600)
@@ -109,7 +115,18 @@ def _maybe_fault(gguf: str) -> None:
 def _child(request_path: str, result_path: str) -> int:
     request = json.loads(Path(request_path).read_text(encoding="utf-8"))
     _phase("load")
+    import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
+
+    if request.get("no_extra_bufts"):  # Llama() takes its model parameters from this function
+        defaults = low_level.llama_model_default_params
+
+        def without_extra_bufts() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = without_extra_bufts
 
     try:
         llm = Llama(model_path=request["gguf"], n_ctx=1024, n_threads=2, verbose=False, logits_all=False)
@@ -126,7 +143,7 @@ def _child(request_path: str, result_path: str) -> int:
         generated: list[int] = []
         if case.get("generate"):
             _phase(f"generate from prompt {i + 1}")
-            _maybe_fault(request["gguf"])
+            _maybe_fault(request["gguf"], not request.get("no_extra_bufts"))
             llm.reset()
             for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
                 generated.append(int(tok))

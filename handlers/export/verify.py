@@ -159,14 +159,19 @@ def compare_with_llama_cpp(path: Path, ref_model: Any, tokenizer: Any, prompts: 
     """llama.cpp (in a child process) tokenizes every prompt as llama.cpp and Ollama will, which must give the
     training ids, then greedy-decodes from its own tokens; transformers decodes from the same tokens and the
     agreement is reported. None: llama-cpp-python is not installed. ``{"crashed": ...}``: llama.cpp died or
-    hung (nothing is known about the file); ``{"error": ...}``: llama.cpp refused the file."""
+    hung, also with its extra CPU buffer types off (nothing is known about the file); ``{"error": ...}``: llama.cpp
+    refused the file. A crash that the second run avoids is reported as ``default_kernels_crashed``."""
     if not llama_cpp_check.available():
         return None
     import torch
 
     probes = probes_of(tokenizer, prompts)
-    out = llama_cpp_check.run_in_child(Path(path), [{"text": p.llama_text, "generate": n_tokens} for p in probes],
-                                       timeout=timeout)
+    cases = [{"text": p.llama_text, "generate": n_tokens} for p in probes]
+    out = llama_cpp_check.run_in_child(Path(path), cases, timeout=timeout)
+    crashed = out.get("crashed") if "signal" in out else None
+    if crashed:  # llama.cpp's own CPU kernels (AMX, repacked) crash on some CPUs: check the file without them
+        retry = llama_cpp_check.run_in_child(Path(path), cases, timeout=timeout, no_extra_bufts=True)
+        out = retry if "cases" in retry else out
     if "cases" not in out:
         return out
     same = total = 0
@@ -184,6 +189,8 @@ def compare_with_llama_cpp(path: Path, ref_model: Any, tokenizer: Any, prompts: 
     if mismatches:
         result["tokenize_mismatches"] = mismatches[:3]
         result["tokenize_mismatch_count"] = len(mismatches)
+    if crashed:
+        result["default_kernels_crashed"] = crashed
     return result
 
 
@@ -202,6 +209,11 @@ def judge(out_type: str, numbers: dict[str, Any], cpp: dict[str, Any] | None = N
                 f"from training (first: {first['text'][:60]!r} at token {first['first_difference_at']}: training "
                 f"{first['training_ids']}, llama.cpp {first['llama_cpp_ids']}); the GGUF's tokenizer metadata "
                 "does not describe the HF tokenizer (see verification.json)")
+        if cpp.get("default_kernels_crashed"):
+            warnings.append(
+                f"{out_type}: {cpp['default_kernels_crashed']} It was verified with llama.cpp's extra CPU buffer "
+                "types off instead (use_extra_bufts = false; llama-cli --no-repack), which is how it runs on this "
+                "machine until llama.cpp is rebuilt")
         if cpp["greedy_token_agreement"] < 1.0:
             warnings.append(f"{out_type}: llama.cpp's greedy tokens agree {cpp['greedy_token_agreement']:.2f} "
                             "with transformers from the same prompt tokens")
