@@ -161,3 +161,27 @@ def test_a_stage_killed_by_a_signal_has_a_failure_message(tmp_path):
     assert "converting blk.3" in message and "Fatal Python error: Segmentation fault" in message
     log.write_bytes(b"")
     assert failure_message("export", code, None, log, 40).splitlines()[0].endswith(": stage.log is empty")
+
+
+@pytest.mark.slow
+def test_a_crash_only_in_llama_cpps_extra_kernels_publishes_the_file_with_a_warning(tmp_path):
+    """The AMX-like case: llama.cpp dies only while its extra CPU buffer types are on (test hook); the rerun
+    without them verifies the Q8_0 file, which is published, and the crash is reported."""
+    from handlers.export import llama_cpp_check
+
+    if not llama_cpp_check.available():
+        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
+    base = modelio.resolve_base_model("builtin:tiny", tmp_path)
+    ctx = F.export_context(tmp_path, Path(base), model={"name": "tiny-job", "version": 1})
+    env = {**os.environ, llama_cpp_check.FAULT_ENV: "SIGSEGV@extra:q8_0"}
+    proc = subprocess.run([sys.executable, "-m", "handlers", "export", str(ctx.stage_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((ctx.stage_dir / "result.json").read_text())
+    assert result["model"]["gguf"] == ["tiny-job-f16.gguf", "tiny-job-q8_0.gguf"] and result["summary"]["withheld"] == {}
+    verification = json.loads((ctx.stage_dir / "model" / "verification.json").read_text())
+    q8 = next(g for g in verification["gguf"] if g["type"] == "q8_0")
+    assert q8["llama_cpp"]["default_kernels_crashed"].startswith("tiny-job-q8_0.gguf: llama.cpp was killed by SIGSEGV")
+    assert q8["llama_cpp"]["tokenize_matches"] is True
+    assert any(w.startswith("q8_0: tiny-job-q8_0.gguf: llama.cpp was killed by SIGSEGV") for w in verification["warnings"])
+    assert "verified with its extra CPU buffer types off" in (ctx.stage_dir / "model" / "README.md").read_text()

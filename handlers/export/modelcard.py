@@ -54,6 +54,11 @@ def model_card(*, name: str, version: int, base_model: str, datasets: list[dict[
                          f"{_fmt(g.get('max_abs_diff'))} | {_fmt(g.get('top1_agreement'))} | "
                          f"{_fmt(cpp.get('tokenize_matches', 'not run'))} | "
                          f"{_fmt(cpp.get('greedy_token_agreement', 'not run'))} |")
+        crashed = [g for g in ggufs if (g.get("llama_cpp") or {}).get("default_kernels_crashed")]
+        if crashed:
+            lines += ["", "llama.cpp crashed with its default CPU kernels on the exporting machine for these files; "
+                      "they were verified with its extra CPU buffer types off (`llama-cli --no-repack`):", ""]
+            lines += [f"- `{g['file']}`: {g['llama_cpp']['default_kernels_crashed']}" for g in crashed]
     if withheld:
         lines += ["", "## Files not published", "",
                   "These GGUF types were written but could not be checked in llama.cpp on the exporting machine, "
