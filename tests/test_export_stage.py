@@ -178,10 +178,12 @@ def test_a_crash_only_in_llama_cpps_extra_kernels_publishes_the_file_with_a_warn
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ctx.stage_dir / "result.json").read_text())
-    assert result["model"]["gguf"] == ["tiny-job-f16.gguf", "tiny-job-q8_0.gguf"] and result["summary"]["withheld"] == {}
+    assert result["model"]["gguf"] == ["tiny-job-f16.gguf", "tiny-job-q8_0.gguf"]
+    assert result["summary"]["withheld"] == {}
     verification = json.loads((ctx.stage_dir / "model" / "verification.json").read_text())
     q8 = next(g for g in verification["gguf"] if g["type"] == "q8_0")
     assert q8["llama_cpp"]["default_kernels_crashed"].startswith("tiny-job-q8_0.gguf: llama.cpp was killed by SIGSEGV")
     assert q8["llama_cpp"]["tokenize_matches"] is True
-    assert any(w.startswith("q8_0: tiny-job-q8_0.gguf: llama.cpp was killed by SIGSEGV") for w in verification["warnings"])
+    crash_warning = "q8_0: tiny-job-q8_0.gguf: llama.cpp was killed by SIGSEGV"
+    assert any(w.startswith(crash_warning) for w in verification["warnings"])
     assert "verified with its extra CPU buffer types off" in (ctx.stage_dir / "model" / "README.md").read_text()
