@@ -106,7 +106,7 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                 _wake.clear()
                 try:
                     if any(layout.ingesting.iterdir()):  # claims an earlier storage error left half done
-                        ingestor.recover()
+                        ingestor.recover(at_start=False)
                     for path in watcher.ready_files():
                         ingestor.ingest(path)
                     ingestor.create_due_default_jobs()
@@ -150,13 +150,19 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
 
 
 def _idle(layout: Layout, store: Store, watcher: InboxWatcher, supervisor: Supervisor) -> bool:
-    if watcher.has_pending() or any(p.is_file() and not is_ignored(p.name) for p in layout.inbox.iterdir()):
+    if watcher.has_pending() or _inbox_has_entries(layout.inbox):
         if not watcher.has_pending():
             watcher.rescan()
         return False
     if any(layout.ingesting.iterdir()) or supervisor.busy():
         return False
     return not store.datasets.search(Q.default_job_due != None)  # noqa: E711
+
+
+def _inbox_has_entries(inbox: Path) -> bool:
+    """Anything but folders and temporary names (links and FIFOs too: they are set aside with a reason)."""
+    with os.scandir(inbox) as entries:
+        return any(not e.is_dir(follow_symlinks=False) and not is_ignored(e.name) for e in entries)
 
 
 def _apply_requests(home: Path, store: Store, supervisor: Supervisor) -> None:

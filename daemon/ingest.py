@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -18,19 +19,22 @@ import yaml
 from daemon.config import DaemonSettings
 from daemon.errors import InvalidInput, Problem
 from daemon.formats import read_examples
-from daemon.fsio import move_durably, write_text_atomically
-from daemon.jobfile import key_position, load_job_file
+from daemon.fsio import move_durably, move_without_replacing, write_new_file_durably, write_text_atomically
+from daemon.jobfile import MAX_JOB_BYTES, decode_utf8, key_position, parse_job_text
 from daemon.jobs import new_job
 from daemon.jobspec import JobSpec
 from daemon.layout import Layout
 from daemon.requirements import check_job
 from daemon.status import ERROR_SUFFIX
 from daemon.store import Q, Store, utcnow
+from daemon.untrusted import is_per_file_error, kept_name, not_regular_problem, read_capped, shown_name
 
 log = logging.getLogger(__name__)
 DATASET_SUFFIXES = (".jsonl",)
 JOB_SUFFIXES = (".yaml", ".yml")
 Notify = Callable[..., None]
+# a claim that was being read when the daemon died this many times is set aside, not read again
+MAX_RECOVER_ATTEMPTS = 2
 
 
 class Ingestor:
@@ -48,7 +52,8 @@ class Ingestor:
     # claiming -------------------------------------------------------------
     def ingest(self, path: Path) -> None:
         """Claim ``path`` from the inbox and process it."""
-        claim = self.layout.ingesting / f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}__{path.name}"
+        claim_id = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        claim = self.layout.ingesting / f"{claim_id}__{path.name}"
         try:
             move_durably(path, claim)
         except FileNotFoundError:
@@ -59,15 +64,49 @@ class Ingestor:
                 log.warning("cannot take %s from the inbox yet (%s); retrying on each rescan", path.name, exc)
                 self._refused.add(path)
             return
+        except OSError as exc:
+            if not is_per_file_error(exc):
+                raise  # storage trouble: the daemon pauses and retries
+            # e.g. a legal 246-byte name that is too long once prefixed for the claim: this file only
+            shown = shown_name(path.name)
+            self.reject(path, path.name, claim_id, InvalidInput(shown, [Problem(
+                f"cannot be taken from the inbox: {exc.strerror} ({len(os.fsencode(path.name))}-byte name)",
+                fix="rename it to a shorter name (under 200 bytes) and drop it again")], "name not usable").render())
+            return
         self._refused.discard(path)
         self.process_claim(claim)
 
-    def recover(self) -> None:
-        """Finish claims left by a crash (called at start, before the inbox is watched)."""
+    def recover(self, at_start: bool = True) -> None:
+        """Finish claims left by a crash (at start, before the inbox is watched) or by a storage error.
+
+        At start each attempt is recorded first, so a file that kills or hangs the daemon is set aside
+        after ``MAX_RECOVER_ATTEMPTS`` restarts instead of stopping every restart.
+        """
         for claim in sorted(self.layout.ingesting.iterdir()):
-            if claim.is_file() and "__" in claim.name:
-                log.info("finishing interrupted ingest of %s", claim.name.split("__", 1)[1])
-                self.process_claim(claim)
+            if "__" not in claim.name:
+                continue
+            claim_id, name = claim.name.split("__", 1)
+            if at_start and self._recover_attempts(claim_id) > MAX_RECOVER_ATTEMPTS:
+                self.reject(claim, name, claim_id, InvalidInput(shown_name(name), [Problem(
+                    f"trainbox stopped {MAX_RECOVER_ATTEMPTS + 1} times while reading this file, so it is set aside",
+                    fix="check the file, then drop it again; please report it with logs/daemon.log")],
+                    "could not be read").render())
+                with self.store.lock:
+                    self.store.claims.remove(Q.claim == claim_id)
+                continue
+            log.info("finishing interrupted ingest of %s", shown_name(name))
+            self.process_claim(claim)
+            if at_start:
+                with self.store.lock:
+                    self.store.claims.remove(Q.claim == claim_id)
+
+    def _recover_attempts(self, claim_id: str) -> int:
+        with self.store.lock:
+            row = self.store.claims.get(Q.claim == claim_id) or {"claim": claim_id, "attempts": 0}
+            if self.store.datasets.get(Q.claim == claim_id) or self.store.jobs.get(Q.claim == claim_id):
+                return 0  # recorded: only a move is left, nothing is read again
+            self.store.claims.upsert({**row, "attempts": row["attempts"] + 1}, Q.claim == claim_id)
+            return row["attempts"] + 1
 
     def process_claim(self, claim: Path) -> None:
         claim_id, name = claim.name.split("__", 1)
@@ -76,49 +115,77 @@ class Ingestor:
             target = self.layout.home / done["path"] if "sha256" in done else self.layout.job_dir(done["id"]) / "job.yaml"
             move_durably(claim, target)
             return
+        shown = shown_name(name)
         suffix = Path(name).suffix.lower()
         try:
+            problem = not_regular_problem(os.lstat(claim).st_mode)  # a link, FIFO, device: never opened
+            if problem is not None:
+                raise InvalidInput(shown, [problem], "not a regular file")
             if suffix in DATASET_SUFFIXES:
-                self._ingest_dataset(claim, claim_id, name)
+                self._ingest_dataset(claim, claim_id, shown)
             elif suffix in JOB_SUFFIXES:
-                self._ingest_job(claim, claim_id, name)
+                self._ingest_job(claim, claim_id, shown)
             else:
-                raise InvalidInput(name, [Problem(
+                raise InvalidInput(shown, [Problem(
                     f"'{suffix or 'no extension'}' files are not taken",
                     fix="drop datasets as .jsonl (JSON Lines) and jobs as .yaml/.yml")], "unsupported file type")
         except InvalidInput as exc:
-            self.reject(claim, name, exc.render())
-        except OSError:
-            raise  # storage trouble (disk full): the claim stays in state/ingesting and is retried
+            self.reject(claim, name, claim_id, exc.render())
+            if suffix in DATASET_SUFFIXES:
+                self.flag_jobs_waiting_on_rejected()
+        except OSError as exc:
+            if not is_per_file_error(exc):
+                raise  # storage trouble (disk full): the claim stays in state/ingesting and is retried
+            self.reject(claim, name, claim_id, f"{shown}: cannot be read: {exc.strerror}\n"
+                                               "    fix: drop a regular, readable file")
         except Exception as exc:  # a bug must not stop the daemon or loop on restart: set the file aside
-            log.exception("internal error while ingesting %s", name)
-            self.reject(claim, name, f"{name}: trainbox failed while reading this file ({exc!r}). The file is "
-                                     "kept here unchanged; please report this with the daemon log.")
+            log.exception("internal error while ingesting %s", shown)
+            self.reject(claim, name, claim_id, f"{shown}: trainbox failed while reading this file ({exc!r}). The "
+                                               "file is kept here unchanged; please report this with the daemon log.")
 
     # rejection ------------------------------------------------------------
-    def reject(self, claim: Path, name: str, reason: str) -> Path:
-        """Move the file to rejected/ with NAME.error.txt beside it (written first)."""
-        target = self.layout.rejected / name
-        if target.exists():  # an earlier file of that name: keep both
-            stem, suffix = Path(name).stem, Path(name).suffix
-            target = self.layout.rejected / f"{stem}.{claim.name.split('__', 1)[0]}{suffix}"
-        text = (f"# trainbox rejected {name} at {utcnow()}\n"
+    def reject(self, src: Path, name: str, claim_id: str, reason: str) -> Path:
+        """Move ``src`` to rejected/ with NAME.error.txt beside it (written first); nothing there is replaced."""
+        shown = shown_name(name)
+        base = Path(kept_name(name, ERROR_SUFFIX))
+        text = (f"# trainbox rejected {shown} at {utcnow()} (claim {claim_id})\n"
                 f"# fix the problems below and drop the file into the inbox again\n\n{reason}\n")
-        write_text_atomically(target.with_name(target.name + ERROR_SUFFIX), text)
-        move_durably(claim, target)
-        log.warning("rejected %s -> %s\n%s", name, target, reason)
-        self.store.add_event("file_rejected", f"{name}: {reason.splitlines()[0]}", file=name, path=str(target))
-        self.notify("file_rejected", f"trainbox rejected {name}", reason.splitlines()[0], file=name)
+        for attempt in range(100):
+            tag = "" if attempt == 0 else f".{claim_id}" + (f"-{attempt}" if attempt > 1 else "")
+            target = self.layout.rejected / f"{base.stem}{tag}{base.suffix}"
+            explanation = target.with_name(target.name + ERROR_SUFFIX)
+            if os.path.lexists(target) or (os.path.lexists(explanation) and not _ours(explanation, claim_id)):
+                continue  # an earlier file of that name: keep both
+            try:
+                if os.path.lexists(explanation):  # our own, from an attempt a crash cut short
+                    explanation.unlink()
+                write_new_file_durably(explanation, text.encode("utf-8"))
+                move_without_replacing(src, target)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free name for {shown} in {self.layout.rejected}")
+        log.warning("rejected %s -> %s\n%s", shown, shown_name(str(target)), reason)
+        first = reason.splitlines()[0]
+        self.store.add_event("file_rejected", f"{shown}: {first}", file=shown, path=shown_name(str(target)))
+        self.notify("file_rejected", f"trainbox rejected {shown}", first, file=shown)
         return target
 
     # datasets -------------------------------------------------------------
     def _ingest_dataset(self, claim: Path, claim_id: str, name: str) -> None:
-        info, _ = read_examples(claim, name)
+        limit = int(self.settings.limits.max_dataset_mb * 1e6)
+        info, _ = read_examples(claim, name, data=read_capped(claim, limit, name, "dataset"))
         existing = self.store.dataset(info.sha256)
         if existing is not None:
+            if name != existing["name"] and name not in existing.get("also_named", []):
+                with self.store.lock:  # a job naming this copy means the stored content
+                    self.store.datasets.update({"also_named": [*existing.get("also_named", []), name]},
+                                               Q.sha256 == info.sha256)
+                self.link_waiting_jobs()
             raise InvalidInput(name, [Problem(
                 f"the same content was already ingested as '{existing['name']}' on {existing['ingested_at']}; "
-                "it is not trained again",
+                "it is not trained again (jobs naming this file use the stored copy)",
                 fix=f"to train on it again, drop a job YAML with 'datasets: [{existing['name']}]'")],
                 "duplicate dataset")
         rel = f"datasets/{info.sha256}.jsonl"
@@ -135,10 +202,10 @@ class Ingestor:
 
     # jobs -----------------------------------------------------------------
     def _ingest_job(self, claim: Path, claim_id: str, name: str) -> None:
-        spec = load_job_file(claim, name)
+        text = decode_utf8(name, read_capped(claim, MAX_JOB_BYTES, name, "job file"))
+        spec = parse_job_text(text, name)
         problems = check_job(spec, self.gpu_count)
         if problems:
-            text = claim.read_text(encoding="utf-8-sig")
             for p in problems:
                 if p.key:
                     p.line, p.column = key_position(text, p.key)
@@ -167,26 +234,50 @@ class Ingestor:
             shas = resolve_datasets(job["spec"]["datasets"], datasets)
             if shas is None:
                 continue
-            self.store.update_job(job["id"], {"state": "queued", "datasets": shas})
+            self.store.update_job(job["id"], {"state": "queued", "datasets": shas, "error": None})
             with self.store.lock:
                 for sha in shas:  # a job claimed this dataset: no default job for it
                     self.store.datasets.update({"default_job_due": None}, Q.sha256 == sha)
             log.info("job %s queued (%d dataset(s))", job["id"], len(shas))
+        self.flag_jobs_waiting_on_rejected()
+
+    def flag_jobs_waiting_on_rejected(self) -> None:
+        """A waiting job whose dataset was rejected for its content says so (state, ``show``, notification)."""
+        rejected = [e for e in self.store.events.search(Q.kind == "file_rejected")
+                    if Path(e.get("file", "")).suffix.lower() in DATASET_SUFFIXES]
+        if not rejected:
+            return
+        datasets = self.store.all_datasets()
+        for job in self.store.jobs.search(Q.state == "waiting"):
+            missing = [p for p in job["spec"]["datasets"] if resolve_datasets([p], datasets) is None]
+            hits = [e for e in rejected if any(name_matches(p, e["file"]) for p in missing)]
+            if not hits:
+                continue
+            newest = hits[-1]
+            error = (f"waiting for a dataset, but {newest['file']} was rejected: {newest['message']} "
+                     f"(see {newest.get('path')}.error.txt; fix it and drop it again)")
+            if job.get("error") == error:
+                continue
+            self.store.update_job(job["id"], {"error": error})
+            log.warning("job %s cannot start yet: %s", job["id"], error)
+            self.notify("file_rejected", f"trainbox: job {job['name']} cannot start", error, job_id=job["id"])
 
     def create_due_default_jobs(self) -> None:
         """A dataset dropped without a job gets ``default_job`` once its grace window has passed."""
         now = time.time()
         for ds in self.store.datasets.search((Q.default_job_due != None) & (Q.default_job_due <= now)):  # noqa: E711
-            with self.store.lock:
-                self.store.datasets.update({"default_job_due": None}, Q.sha256 == ds["sha256"])
             name = _job_name(Path(ds["name"]).stem)
-            spec = self.settings.default_job.spec_for(ds["name"], name)
-            spec.datasets = [ds["sha256"]]  # exactly this content, even if the name is reused later
+            # settings were validated at load (config.py), so this spec is valid; its due time is cleared
+            # only once the job exists (create_job links it), so a crash in between retries, never loses it
+            spec = self.settings.default_job.spec_for(ds["sha256"], name)  # exactly this content
             problems = check_job(spec, self.gpu_count)
             if problems:
                 msg = "; ".join(p.render("default_job") for p in problems)
                 log.error("no default job for %s: %s", ds["name"], msg)
+                with self.store.lock:
+                    self.store.datasets.update({"default_job_due": None}, Q.sha256 == ds["sha256"])
                 self.store.add_event("default_job_invalid", msg, sha256=ds["sha256"])
+                self.notify("file_rejected", f"trainbox: no job for {ds['name']}", msg, file=ds["name"])
                 continue
             self.create_job(spec, source=f"default_job for {ds['name']}", claim=None)
 
@@ -194,6 +285,19 @@ class Ingestor:
 def _job_name(stem: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-._") or "dataset"
     return cleaned[:64]
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(Path(name).stem, pattern)
+
+
+def _ours(explanation: Path, claim_id: str) -> bool:
+    """Whether an explanation file was written by us for this claim (a crash cut the rejection short)."""
+    try:
+        head = read_capped(explanation, 4096, explanation.name, "explanation").split(b"\n", 1)[0]
+    except (InvalidInput, OSError):
+        return False
+    return head.startswith(b"# trainbox rejected ") and f"(claim {claim_id})".encode() in head
 
 
 def resolve_datasets(patterns: list[str], datasets: list[dict]) -> list[str] | None:
@@ -204,7 +308,7 @@ def resolve_datasets(patterns: list[str], datasets: list[dict]) -> list[str] | N
     chosen: dict[str, dict] = {}
     for pattern in patterns:
         hits = [d for d in datasets
-                if fnmatch.fnmatchcase(d["name"], pattern) or fnmatch.fnmatchcase(Path(d["name"]).stem, pattern)
+                if any(name_matches(pattern, n) for n in (d["name"], *d.get("also_named", ())))
                 or (len(pattern) >= 8 and d["sha256"].startswith(pattern))]
         if not hits:
             return None
