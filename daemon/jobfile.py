@@ -123,9 +123,10 @@ def parse_yaml_model(text: str, name: str, schema: type[M], examples: str) -> M:
     if not text.strip():
         raise InvalidInput(name, [Problem("the file is empty",
                                           fix=f"see {examples} for complete examples")], "empty file")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
         _check_flow_depth(text)
+        loader = _BoundedLoader(text)  # its reader already refuses control characters
         root = loader.get_single_node()
         if not isinstance(root, yaml.MappingNode):
             line = root.start_mark.line + 1 if root is not None else None
@@ -139,6 +140,13 @@ def parse_yaml_model(text: str, name: str, schema: type[M], examples: str) -> M:
         raw = _construct(loader, root, name)
     except _TooBig as exc:
         raise InvalidInput(name, [exc.problem()], "YAML too large or too deep") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise InvalidInput(name, [Problem(
+            f"character {exc.character!r} is not allowed in YAML", line=line, column=column,
+            fix="remove control characters (such as NUL) and save the file as plain UTF-8 text")],
+            "not valid YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise InvalidInput(name, [Problem(
@@ -148,7 +156,8 @@ def parse_yaml_model(text: str, name: str, schema: type[M], examples: str) -> M:
             fix="check indentation (spaces, not tabs) and quoting around this position")],
             "not valid YAML") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
@@ -319,7 +328,10 @@ def _col(node: yaml.Node | None) -> int | None:
 
 def key_position(text: str, dotted: str) -> tuple[int | None, int | None]:
     """(line, column) of the key ``a.b.c`` in a YAML text, or of its nearest present parent."""
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)
+    except yaml.YAMLError:
+        return None, None
     try:
         root = loader.get_single_node()
     except (yaml.YAMLError, _TooBig):
