@@ -213,3 +213,24 @@ def test_file_moved_in_from_another_folder_is_ingested(home: Path, daemon_factor
     os.replace(outside, home / "inbox" / "moved.jsonl")  # inotify sees a create, never a close
     ds = wait_for(lambda: read_store(home).all_datasets(), 10, "moved-in file ingested")
     assert ds[0]["name"] == "moved.jsonl"
+
+
+def test_a_default_job_typo_stops_the_start_with_the_fix(home: Path) -> None:
+    set_settings(home, default_job={"job": {"train": {"max_stpes": 3}}})
+    out = cli(home, "run", "--once")
+    assert out.returncode == 2
+    assert "default_job.job.train.max_stpes: is not a field" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_once_finishes_despite_fifos_and_links_in_the_inbox_and_in_claims(home: Path) -> None:
+    os.mkfifo(home / "inbox" / "pipe.jsonl")
+    (home / "inbox" / "zero.jsonl").symlink_to("/dev/zero")
+    (home / "inbox" / "gone.jsonl").symlink_to(home / "nowhere")
+    os.mkfifo(Layout(home).ingesting / "20260101000000-abcdef12__claimed.jsonl")  # left by a crash
+    drop(home / "inbox", "good.jsonl", (FIXTURES / "text.jsonl").read_text())
+    run = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--once", "--home", str(home)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(r["file"] for r in rejected_files(Layout(home))) == [
+        "claimed.jsonl", "gone.jsonl", "pipe.jsonl", "zero.jsonl"]
+    assert [d["name"] for d in read_store(home).all_datasets()] == ["good.jsonl"]
