@@ -17,6 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.config import DaemonSettings
 from daemon.control import RequestRefused, check_request, pending_requests, retry_job
+from daemon.datasetcheck import DatasetChecker
 from daemon.gpus import gpu_indices
 from daemon.inbox import InboxWatcher, is_ignored
 from daemon.ingest import Ingestor
@@ -30,6 +31,8 @@ from daemon.supervisor import Supervisor
 log = logging.getLogger(__name__)
 EXIT_OK = 0
 STORAGE_RETRY_S = 5.0
+# the main loop ingests for at most this long before it supervises, heartbeats and reads requests again
+INGEST_SLICE_S = 1.0
 _stop = threading.Event()
 _wake = threading.Event()
 
@@ -70,7 +73,8 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
         store = Store.for_home(layout.home)
         gpus = gpu_indices()
         notifier = Notifier(settings.notify, layout.home)
-        ingestor = Ingestor(layout, store, settings, len(gpus), notifier.notify)
+        checker = DatasetChecker(int(settings.limits.max_dataset_mb * 1e6), _wake)
+        ingestor = Ingestor(layout, store, settings, len(gpus), notifier.notify, checker)
         supervisor = Supervisor(layout, store, settings, gpus, notifier.notify)
         watcher = InboxWatcher(layout.inbox, settings.watch, _wake)
         started = time.time()
@@ -107,8 +111,14 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                 try:
                     if any(layout.ingesting.iterdir()):  # claims an earlier storage error left half done
                         ingestor.recover(at_start=False)
-                    for path in watcher.ready_files():
+                    ready = watcher.ready_files()
+                    slice_ends = time.monotonic() + INGEST_SLICE_S
+                    for i, path in enumerate(ready):
+                        if time.monotonic() > slice_ends:  # a burst: let supervision and heartbeats run
+                            watcher.put_back(ready[i:])
+                            break
                         ingestor.ingest(path)
+                    ingestor.finish_checked()
                     ingestor.create_due_default_jobs()
                     _apply_requests(layout.home, store, supervisor)
                     supervisor.tick()

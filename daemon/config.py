@@ -11,7 +11,7 @@ from daemon.jobfile import decode_utf8, parse_yaml_model
 from daemon.jobspec import JobSpec
 from daemon.untrusted import read_capped
 
-MAX_SETTINGS_BYTES = 256_000
+MAX_SETTINGS_BYTES = 64_000
 
 
 class Strict(BaseModel):

@@ -180,6 +180,17 @@ class InboxWatcher(FileSystemEventHandler):
                     del self._pending[path]
         return ready
 
+    def put_back(self, paths: list[Path]) -> None:
+        """Files ``ready_files`` returned that were not taken yet: ready again at the next call, in order."""
+        with self._lock:
+            for order, path in enumerate(paths):
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:
+                    continue
+                self._pending.setdefault(path, _Candidate(st.st_size, st.st_mtime_ns, float(order) - 1e9, True))
+        self.wake.set()
+
     def has_pending(self) -> bool:
         with self._lock:
             return bool(self._pending)

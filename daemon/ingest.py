@@ -18,7 +18,8 @@ import yaml
 
 from daemon.config import DaemonSettings
 from daemon.errors import InvalidInput, Problem
-from daemon.formats import read_examples
+from daemon.datasetcheck import DatasetChecker, check_dataset
+from daemon.formats import DatasetInfo
 from daemon.fsio import move_durably, move_without_replacing, write_new_file_durably, write_text_atomically
 from daemon.jobfile import MAX_JOB_BYTES, decode_utf8, key_position, parse_job_text
 from daemon.jobs import new_job
@@ -41,12 +42,14 @@ class Ingestor:
     """Runs in the daemon's main thread only, so claims are processed one at a time, exactly once."""
 
     def __init__(self, layout: Layout, store: Store, settings: DaemonSettings, gpu_count: int,
-                 notify: Notify):
+                 notify: Notify, checker: DatasetChecker | None = None):
         self.layout = layout
         self.store = store
         self.settings = settings
         self.gpu_count = gpu_count
         self.notify = notify
+        self.checker = checker  # None: datasets are validated in the calling thread (tests, tools)
+        self._max_dataset_bytes = int(settings.limits.max_dataset_mb * 1e6)
         self._refused: set[Path] = set()
 
     # claiming -------------------------------------------------------------
@@ -95,7 +98,7 @@ class Ingestor:
                     self.store.claims.remove(Q.claim == claim_id)
                 continue
             log.info("finishing interrupted ingest of %s", shown_name(name))
-            self.process_claim(claim)
+            self.process_claim(claim, background=not at_start)  # at start: counted, so in this thread
             if at_start:
                 with self.store.lock:
                     self.store.claims.remove(Q.claim == claim_id)
@@ -108,30 +111,52 @@ class Ingestor:
             self.store.claims.upsert({**row, "attempts": row["attempts"] + 1}, Q.claim == claim_id)
             return row["attempts"] + 1
 
-    def process_claim(self, claim: Path) -> None:
+    def process_claim(self, claim: Path, background: bool = True) -> None:
+        """Validate and store (or reject) one claim; ``background``: datasets go to the checker thread."""
+        if self.checker is not None and claim in self.checker.in_flight:
+            return  # being validated in the background
         claim_id, name = claim.name.split("__", 1)
         done = self.store.datasets.get(Q.claim == claim_id) or self.store.jobs.get(Q.claim == claim_id)
         if done is not None:  # recorded before a crash: only the final move is missing
             target = self.layout.home / done["path"] if "sha256" in done else self.layout.job_dir(done["id"]) / "job.yaml"
             move_durably(claim, target)
             return
+        self._settle(claim, name, lambda: self._dispatch(claim, claim_id, name, background))
+
+    def finish_checked(self) -> None:
+        """Store or reject the datasets the background checker has finished (main loop)."""
+        if self.checker is None:
+            return
+        for claim, name, result in self.checker.finished():
+            self._settle(claim, name, lambda: self._store_dataset(claim, claim.name.split("__", 1)[0],
+                                                                  shown_name(name), result))
+
+    def _dispatch(self, claim: Path, claim_id: str, name: str, background: bool) -> None:
         shown = shown_name(name)
         suffix = Path(name).suffix.lower()
+        problem = not_regular_problem(os.lstat(claim).st_mode)  # a link, FIFO, device: never opened
+        if problem is not None:
+            raise InvalidInput(shown, [problem], "not a regular file")
+        if suffix in DATASET_SUFFIXES and background and self.checker is not None:
+            self.checker.submit(claim, name)
+        elif suffix in DATASET_SUFFIXES:
+            self._store_dataset(claim, claim_id, shown, check_dataset(claim, shown, self._max_dataset_bytes))
+        elif suffix in JOB_SUFFIXES:
+            self._ingest_job(claim, claim_id, shown)
+        else:
+            raise InvalidInput(shown, [Problem(
+                f"'{suffix or 'no extension'}' files are not taken",
+                fix="drop datasets as .jsonl (JSON Lines) and jobs as .yaml/.yml")], "unsupported file type")
+
+    def _settle(self, claim: Path, name: str, work: Callable[[], None]) -> None:
+        """Run ``work`` for a claim; a problem with the file rejects it, a storage problem propagates."""
+        claim_id = claim.name.split("__", 1)[0]
+        shown = shown_name(name)
         try:
-            problem = not_regular_problem(os.lstat(claim).st_mode)  # a link, FIFO, device: never opened
-            if problem is not None:
-                raise InvalidInput(shown, [problem], "not a regular file")
-            if suffix in DATASET_SUFFIXES:
-                self._ingest_dataset(claim, claim_id, shown)
-            elif suffix in JOB_SUFFIXES:
-                self._ingest_job(claim, claim_id, shown)
-            else:
-                raise InvalidInput(shown, [Problem(
-                    f"'{suffix or 'no extension'}' files are not taken",
-                    fix="drop datasets as .jsonl (JSON Lines) and jobs as .yaml/.yml")], "unsupported file type")
+            work()
         except InvalidInput as exc:
             self.reject(claim, name, claim_id, exc.render())
-            if suffix in DATASET_SUFFIXES:
+            if Path(name).suffix.lower() in DATASET_SUFFIXES:
                 self.flag_jobs_waiting_on_rejected()
         except OSError as exc:
             if not is_per_file_error(exc):
@@ -173,9 +198,9 @@ class Ingestor:
         return target
 
     # datasets -------------------------------------------------------------
-    def _ingest_dataset(self, claim: Path, claim_id: str, name: str) -> None:
-        limit = int(self.settings.limits.max_dataset_mb * 1e6)
-        info, _ = read_examples(claim, name, data=read_capped(claim, limit, name, "dataset"))
+    def _store_dataset(self, claim: Path, claim_id: str, name: str, info: DatasetInfo | BaseException) -> None:
+        if isinstance(info, BaseException):  # raised by the background check
+            raise info
         existing = self.store.dataset(info.sha256)
         if existing is not None:
             if name != existing["name"] and name not in existing.get("also_named", []):

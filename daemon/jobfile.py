@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from daemon.errors import InvalidInput, Problem
 from daemon.jobspec import JobSpec
 
-MAX_JOB_BYTES = 256_000
+MAX_JOB_BYTES = 64_000  # a job is a few lines; PyYAML reads ~100 kB/s at worst, so this bounds the time too
 # bounds on what a YAML text may build, so a small hostile file (alias "billion laughs", deep nesting)
 # costs milliseconds: values are counted with aliases expanded
 MAX_YAML_DEPTH = 64

@@ -234,3 +234,17 @@ def test_once_finishes_despite_fifos_and_links_in_the_inbox_and_in_claims(home: 
     assert sorted(r["file"] for r in rejected_files(Layout(home))) == [
         "claimed.jsonl", "gone.jsonl", "pipe.jsonl", "zero.jsonl"]
     assert [d["name"] for d in read_store(home).all_datasets()] == ["good.jsonl"]
+
+
+def test_a_large_dataset_is_checked_while_the_loop_goes_on(home: Path, daemon_factory) -> None:
+    set_settings(home, default_job={"enabled": False})
+    daemon_factory().wait_ready()
+    rows = "".join(json.dumps({"prompt": f"question {i} " + "q" * 200, "completion": "answer " + "a" * 80}) + "\n"
+                   for i in range(100_000))
+    drop(home / "inbox", "big.jsonl", rows)  # ~33 MB: seconds of validation
+    wait_for(lambda: list(Layout(home).ingesting.iterdir()), 10, "big.jsonl claimed")
+    drop(home / "inbox", "meanwhile.yaml", "name: meanwhile\ndatasets: [later]\nstages: [prepare]\n")
+    wait_for(lambda: read_store(home).all_jobs(), 10, "the job taken while big.jsonl is checked")
+    assert not read_store(home).all_datasets(), "the job did not wait for the dataset's validation"
+    ds = wait_for(lambda: read_store(home).all_datasets(), 120, "big.jsonl stored")
+    assert ds[0]["rows"] == 100_000
