@@ -31,8 +31,10 @@ def is_per_file_error(exc: OSError) -> bool:
 
 
 def shown_name(name: str) -> str:
-    """``name`` as printable text: bytes that are not UTF-8 appear as \\xNN (store, logs, messages)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    """``name`` as printable text for the store, logs and messages: bytes that are not UTF-8 and control
+    characters (a newline in a name would forge log lines) appear escaped, as \\xNN or \\n."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def not_regular_problem(mode: int) -> Problem | None:

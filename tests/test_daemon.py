@@ -248,3 +248,14 @@ def test_a_large_dataset_is_checked_while_the_loop_goes_on(home: Path, daemon_fa
     assert not read_store(home).all_datasets(), "the job did not wait for the dataset's validation"
     ds = wait_for(lambda: read_store(home).all_datasets(), 120, "big.jsonl stored")
     assert ds[0]["rows"] == 100_000
+
+
+def test_show_says_why_a_job_cannot_start(home: Path, daemon_factory) -> None:
+    daemon_factory().wait_ready()
+    drop(home / "inbox", "j.yaml", "name: j\ndatasets: [prefs]\nstages: [prepare]\n")
+    drop(home / "inbox", "prefs.jsonl", '{"conversations": [{"from": "human", "value": "q"}], '
+                                        '"chosen": {"from": "gpt", "value": "a"}, "rejected": {}}\n')
+    job = wait_for(lambda: [j for j in jobs_json(home) if j["error"]], 15, "the job's explanation")[0]
+    assert job["state"] == "waiting" and "prefs.jsonl was rejected: prefs.jsonl: 1 bad line(s)" in job["error"]
+    shown = cli(home, "show", "j").stdout
+    assert "prefs.jsonl was rejected" in shown and "prefs.jsonl.error.txt" in shown

@@ -172,10 +172,12 @@ def test_a_name_too_long_to_claim_is_rejected_and_the_next_file_goes_on(ing: Ing
     assert [d["name"] for d in ing.store.all_datasets()] == ["next.jsonl"]
 
 
-def test_a_name_that_is_not_utf8_is_shown_escaped(ing: Ingestor) -> None:
+def test_names_that_are_not_utf8_or_hold_control_characters_are_shown_escaped(ing: Ingestor) -> None:
     name = os.fsdecode(b"caf\xe9.jsonl")
     put(ing, name, (FIXTURES / "text.jsonl").read_bytes())
     assert [d["name"] for d in ing.store.all_datasets()] == ["caf\\xe9.jsonl"]
+    put(ing, "two\nlines.jsonl", (FIXTURES / "alpaca.jsonl").read_bytes())  # no forged log or header lines
+    assert [d["name"] for d in ing.store.all_datasets()] == ["caf\\xe9.jsonl", "two\\nlines.jsonl"]
     put(ing, os.fsdecode(b"bad\xff.jsonl"), "not json\n")
     assert "bad\\xff.jsonl:1:1: not valid JSON" in reasons(ing)[os.fsdecode(b"bad\xff.jsonl")]
 
