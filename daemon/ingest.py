@@ -20,15 +20,15 @@ from daemon.config import DaemonSettings
 from daemon.errors import InvalidInput, Problem
 from daemon.datasetcheck import DatasetChecker, check_dataset
 from daemon.formats import DatasetInfo
-from daemon.fsio import move_durably, move_without_replacing, write_new_file_durably, write_text_atomically
+from daemon.fsio import move_durably, write_text_atomically
+from daemon.rejects import set_aside
 from daemon.jobfile import MAX_JOB_BYTES, decode_utf8, key_position, parse_job_text
 from daemon.jobs import new_job
 from daemon.jobspec import JobSpec
 from daemon.layout import Layout
 from daemon.requirements import check_job
-from daemon.status import ERROR_SUFFIX
 from daemon.store import Q, Store, utcnow
-from daemon.untrusted import is_per_file_error, kept_name, not_regular_problem, read_capped, shown_name
+from daemon.untrusted import is_per_file_error, not_regular_problem, read_capped, shown_name
 
 log = logging.getLogger(__name__)
 DATASET_SUFFIXES = (".jsonl",)
@@ -170,27 +170,11 @@ class Ingestor:
 
     # rejection ------------------------------------------------------------
     def reject(self, src: Path, name: str, claim_id: str, reason: str) -> Path:
-        """Move ``src`` to rejected/ with NAME.error.txt beside it (written first); nothing there is replaced."""
+        """Set ``src`` aside in rejected/ with its explanation; record, log and notify it."""
         shown = shown_name(name)
-        base = Path(kept_name(name, ERROR_SUFFIX))
-        text = (f"# trainbox rejected {shown} at {utcnow()} (claim {claim_id})\n"
-                f"# fix the problems below and drop the file into the inbox again\n\n{reason}\n")
-        for attempt in range(100):
-            tag = "" if attempt == 0 else f".{claim_id}" + (f"-{attempt}" if attempt > 1 else "")
-            target = self.layout.rejected / f"{base.stem}{tag}{base.suffix}"
-            explanation = target.with_name(target.name + ERROR_SUFFIX)
-            if os.path.lexists(target) or (os.path.lexists(explanation) and not _ours(explanation, claim_id)):
-                continue  # an earlier file of that name: keep both
-            try:
-                if os.path.lexists(explanation):  # our own, from an attempt a crash cut short
-                    explanation.unlink()
-                write_new_file_durably(explanation, text.encode("utf-8"))
-                move_without_replacing(src, target)
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileExistsError(f"no free name for {shown} in {self.layout.rejected}")
+        target = set_aside(self.layout.rejected, src, name, claim_id,
+                           f"# trainbox rejected {shown} at {utcnow()} (claim {claim_id})\n"
+                           f"# fix the problems below and drop the file into the inbox again\n\n{reason}\n")
         log.warning("rejected %s -> %s\n%s", shown, shown_name(str(target)), reason)
         first = reason.splitlines()[0]
         self.store.add_event("file_rejected", f"{shown}: {first}", file=shown, path=shown_name(str(target)))
@@ -314,15 +298,6 @@ def _job_name(stem: str) -> str:
 
 def name_matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(Path(name).stem, pattern)
-
-
-def _ours(explanation: Path, claim_id: str) -> bool:
-    """Whether an explanation file was written by us for this claim (a crash cut the rejection short)."""
-    try:
-        head = read_capped(explanation, 4096, explanation.name, "explanation").split(b"\n", 1)[0]
-    except (InvalidInput, OSError):
-        return False
-    return head.startswith(b"# trainbox rejected ") and f"(claim {claim_id})".encode() in head
 
 
 def resolve_datasets(patterns: list[str], datasets: list[dict]) -> list[str] | None:
