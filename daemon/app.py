@@ -111,14 +111,8 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                 try:
                     if any(layout.ingesting.iterdir()):  # claims an earlier storage error left half done
                         ingestor.recover(at_start=False)
-                    ready = watcher.ready_files()
-                    slice_ends = time.monotonic() + INGEST_SLICE_S
-                    for i, path in enumerate(ready):
-                        if time.monotonic() > slice_ends:  # a burst: let supervision and heartbeats run
-                            watcher.put_back(ready[i:])
-                            break
-                        ingestor.ingest(path)
-                    ingestor.finish_checked()
+                    ingestor.finish_checked()  # first: it frees the checker for the datasets ready now
+                    _ingest_a_slice(watcher, ingestor)
                     ingestor.create_due_default_jobs()
                     _apply_requests(layout.home, store, supervisor)
                     supervisor.tick()
@@ -157,6 +151,21 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                 log.error("could not record the daemon's stop: %s", exc)
             log.info("trainbox stopped")
     return EXIT_OK
+
+
+def _ingest_a_slice(watcher: InboxWatcher, ingestor: Ingestor) -> None:
+    """Take ready files for at most INGEST_SLICE_S (a burst must not hold supervision and heartbeats);
+    a dataset waits in the inbox while the checker is busy (its result wakes the loop)."""
+    slice_ends = time.monotonic() + INGEST_SLICE_S
+    later, out_of_time = [], False
+    for path in watcher.ready_files():
+        out_of_time = out_of_time or time.monotonic() > slice_ends
+        if out_of_time or not ingestor.can_take(path):
+            later.append(path)
+        else:
+            ingestor.ingest(path)
+    if later:
+        watcher.put_back(later, wake=out_of_time)
 
 
 def _idle(layout: Layout, store: Store, watcher: InboxWatcher, supervisor: Supervisor) -> bool:

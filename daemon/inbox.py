@@ -180,8 +180,9 @@ class InboxWatcher(FileSystemEventHandler):
                     del self._pending[path]
         return ready
 
-    def put_back(self, paths: list[Path]) -> None:
-        """Files ``ready_files`` returned that were not taken yet: ready again at the next call, in order."""
+    def put_back(self, paths: list[Path], wake: bool = True) -> None:
+        """Files ``ready_files`` returned that were not taken yet: ready again at the next call, in order;
+        ``wake``: at once (else when something else wakes the loop)."""
         with self._lock:
             for order, path in enumerate(paths):
                 try:
@@ -189,7 +190,8 @@ class InboxWatcher(FileSystemEventHandler):
                 except FileNotFoundError:
                     continue
                 self._pending.setdefault(path, _Candidate(st.st_size, st.st_mtime_ns, float(order) - 1e9, True))
-        self.wake.set()
+        if wake:
+            self.wake.set()
 
     def has_pending(self) -> bool:
         with self._lock:

@@ -36,6 +36,7 @@ JOB_SUFFIXES = (".yaml", ".yml")
 Notify = Callable[..., None]
 # a claim that was being read when the daemon died this many times is set aside, not read again
 MAX_RECOVER_ATTEMPTS = 2
+MAX_DATASETS_IN_FLIGHT = 2  # one being checked, one queued behind it
 
 
 class Ingestor:
@@ -78,6 +79,12 @@ class Ingestor:
             return
         self._refused.discard(path)
         self.process_claim(claim)
+
+    def can_take(self, path: Path) -> bool:
+        """False for a dataset while the background checker has enough queued: it waits in the inbox,
+        so claims stay few (a crash leaves little to recover) and the inbox shows what is not yet read."""
+        return (self.checker is None or path.suffix.lower() not in DATASET_SUFFIXES
+                or len(self.checker.in_flight) < MAX_DATASETS_IN_FLIGHT)
 
     def recover(self, at_start: bool = True) -> None:
         """Finish claims left by a crash (at start, before the inbox is watched) or by a storage error.
@@ -263,7 +270,8 @@ class Ingestor:
             if not hits:
                 continue
             newest = hits[-1]
-            error = (f"waiting for a dataset, but {newest['file']} was rejected: {newest['message']} "
+            why = newest["message"].removeprefix(f"{newest['file']}: ").removeprefix(f"{newest['file']}: ")
+            error = (f"waiting for a dataset, but {newest['file']} was rejected: {why} "
                      f"(see {newest.get('path')}.error.txt; fix it and drop it again)")
             if job.get("error") == error:
                 continue

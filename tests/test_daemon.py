@@ -256,6 +256,6 @@ def test_show_says_why_a_job_cannot_start(home: Path, daemon_factory) -> None:
     drop(home / "inbox", "prefs.jsonl", '{"conversations": [{"from": "human", "value": "q"}], '
                                         '"chosen": {"from": "gpt", "value": "a"}, "rejected": {}}\n')
     job = wait_for(lambda: [j for j in jobs_json(home) if j["error"]], 15, "the job's explanation")[0]
-    assert job["state"] == "waiting" and "prefs.jsonl was rejected: prefs.jsonl: 1 bad line(s)" in job["error"]
+    assert job["state"] == "waiting" and "prefs.jsonl was rejected: 1 bad line(s); nothing was imported" in job["error"]
     shown = cli(home, "show", "j").stdout
     assert "prefs.jsonl was rejected" in shown and "prefs.jsonl.error.txt" in shown
