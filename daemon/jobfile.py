@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from daemon.errors import InvalidInput, Problem
 from daemon.jobspec import JobSpec
+from daemon.untrusted import read_capped
 
 MAX_JOB_BYTES = 64_000  # a job is a few lines; PyYAML reads ~100 kB/s at worst, so this bounds the time too
 # bounds on what a YAML text may build, so a small hostile file (alias "billion laughs", deep nesting)
@@ -18,7 +19,7 @@ MAX_JOB_BYTES = 64_000  # a job is a few lines; PyYAML reads ~100 kB/s at worst,
 MAX_YAML_DEPTH = 64
 MAX_YAML_VALUES = 20_000
 PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
-                       ("null", "bool", "int", "float", "str", "seq", "map", "merge", "timestamp"))
+                       ("null", "bool", "int", "float", "str", "seq", "map", "merge"))
 
 
 class YAML12Loader(yaml.SafeLoader):
@@ -102,8 +103,6 @@ def _check_flow_depth(text: str) -> None:
 
 def load_job_file(path: Path, name: str | None = None) -> JobSpec:
     """Parse and validate a job YAML file (a regular file, never through a link, at most MAX_JOB_BYTES)."""
-    from daemon.untrusted import read_capped
-
     name = name or Path(path).name
     return parse_job_text(decode_utf8(name, read_capped(Path(path), MAX_JOB_BYTES, name, "job file")), name)
 
