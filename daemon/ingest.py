@@ -20,7 +20,7 @@ from daemon.config import DaemonSettings
 from daemon.datasetcheck import DatasetChecker, check_dataset
 from daemon.errors import InvalidInput, Problem
 from daemon.formats import DatasetInfo
-from daemon.fsio import move_durably, write_text_atomically
+from daemon.fsio import move_durably, write_bytes_atomically, write_text_atomically
 from daemon.jobfile import MAX_JOB_BYTES, decode_utf8, key_position, parse_job_text
 from daemon.jobs import new_job
 from daemon.jobspec import JobSpec
@@ -93,6 +93,9 @@ class Ingestor:
         after ``MAX_RECOVER_ATTEMPTS`` restarts instead of stopping every restart.
         """
         for claim in sorted(self.layout.ingesting.iterdir()):
+            if claim.name.startswith(".") and claim.name.endswith(".tmp"):
+                claim.unlink()  # a private copy a crash cut short; the claim itself is still there
+                continue
             if "__" not in claim.name:
                 continue
             claim_id, name = claim.name.split("__", 1)
@@ -141,9 +144,14 @@ class Ingestor:
     def _dispatch(self, claim: Path, claim_id: str, name: str, background: bool) -> None:
         shown = shown_name(name)
         suffix = Path(name).suffix.lower()
-        problem = not_regular_problem(os.lstat(claim).st_mode)  # a link, FIFO, device: never opened
+        st = os.lstat(claim)
+        problem = not_regular_problem(st.st_mode)  # a link, FIFO, device: never opened
         if problem is not None:
             raise InvalidInput(shown, [problem], "not a regular file")
+        if st.st_nlink > 1:  # a hard link shares its content with a file elsewhere: keep a private copy
+            limit, what = ((self._max_dataset_bytes, "dataset") if suffix in DATASET_SUFFIXES
+                           else (MAX_JOB_BYTES, "job file"))
+            write_bytes_atomically(claim, read_capped(claim, limit, shown, what))
         if suffix in DATASET_SUFFIXES and background and self.checker is not None:
             self.checker.submit(claim, name)
         elif suffix in DATASET_SUFFIXES:

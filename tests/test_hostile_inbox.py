@@ -272,3 +272,15 @@ def test_a_default_job_typo_is_reported_when_settings_load(tmp_path: Path) -> No
     text = caught.value.render()
     assert "daemon.yaml:3:13: default_job.job.train.max_stpes: is not a field" in text
     assert "did you mean default_job.job.train.max_steps?" in text
+
+
+def test_a_hard_link_is_stored_as_a_private_copy(ing: Ingestor, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes((FIXTURES / "text.jsonl").read_bytes())
+    os.link(outside, ing.layout.inbox / "linked.jsonl")
+    ing.ingest(ing.layout.inbox / "linked.jsonl")
+    (ds,) = ing.store.all_datasets()
+    stored = ing.layout.home / ds["path"]
+    assert stored.read_bytes() == outside.read_bytes() and not stored.samefile(outside)
+    outside.write_text('{"text": "changed later"}\n')
+    assert stored.read_bytes() == (FIXTURES / "text.jsonl").read_bytes(), "the recorded hash still holds"
