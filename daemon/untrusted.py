@@ -72,6 +72,10 @@ def read_capped(path: Path, limit: int, name: str, what: str, *, follow_links: b
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
             raise InvalidInput(name, [not_regular_problem(stat.S_IFLNK)], "not a regular file") from None
+        if isinstance(exc, PermissionError):  # this file's mode, not the storage: the folder is ours
+            raise InvalidInput(name, [Problem(f"cannot be read: {exc.strerror}",
+                                              fix="make it readable (chmod u+r) and drop it again")],
+                               "not readable") from None
         if is_per_file_error(exc):
             raise InvalidInput(name, [Problem(f"cannot be opened: {exc.strerror}",
                                               fix="drop a regular file")], "not a regular file") from None

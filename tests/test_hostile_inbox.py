@@ -284,3 +284,13 @@ def test_a_hard_link_is_stored_as_a_private_copy(ing: Ingestor, tmp_path: Path) 
     assert stored.read_bytes() == outside.read_bytes() and not stored.samefile(outside)
     outside.write_text('{"text": "changed later"}\n')
     assert stored.read_bytes() == (FIXTURES / "text.jsonl").read_bytes(), "the recorded hash still holds"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 000 anyway")
+def test_an_unreadable_file_is_rejected_not_taken_for_a_storage_failure(ing: Ingestor) -> None:
+    path = ing.layout.inbox / "locked.jsonl"
+    path.write_bytes((FIXTURES / "text.jsonl").read_bytes())
+    path.chmod(0)
+    ing.ingest(path)
+    text = reasons(ing)["locked.jsonl"]
+    assert "cannot be read: Permission denied" in text and "chmod u+r" in text
