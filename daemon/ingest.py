@@ -291,10 +291,15 @@ class Ingestor:
         """A dataset dropped without a job gets ``default_job`` once its grace window has passed."""
         now = time.time()
         for ds in self.store.datasets.search((Q.default_job_due != None) & (Q.default_job_due <= now)):  # noqa: E711
-            name = _job_name(Path(ds["name"]).stem)
-            # settings were validated at load (config.py), so this spec is valid; its due time is cleared
-            # only once the job exists (create_job links it), so a crash in between retries, never loses it
-            spec = self.settings.default_job.spec_for(ds["sha256"], name)  # exactly this content
+            # the due time is cleared only once the job exists (create_job links it): a crash or a full
+            # disk in between retries, and a job already created then is recognised, not made twice
+            if self.store.jobs.get(Q.spec.datasets == [ds["sha256"]]):
+                with self.store.lock:
+                    self.store.datasets.update({"default_job_due": None}, Q.sha256 == ds["sha256"])
+                self.link_waiting_jobs()  # the interrupted create_job did not get to queue it
+                continue
+            # settings were validated at load (config.py), so this spec is valid
+            spec = self.settings.default_job.spec_for(ds["sha256"], _job_name(Path(ds["name"]).stem))
             problems = check_job(spec, self.gpu_count)
             if problems:
                 msg = "; ".join(p.render("default_job") for p in problems)

@@ -294,3 +294,27 @@ def test_an_unreadable_file_is_rejected_not_taken_for_a_storage_failure(ing: Ing
     ing.ingest(path)
     text = reasons(ing)["locked.jsonl"]
     assert "cannot be read: Permission denied" in text and "chmod u+r" in text
+
+
+def test_a_bare_dataset_gets_its_default_job_once_even_after_a_storage_failure(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    import errno
+
+    import daemon.ingest
+
+    ing = make_ingestor(tmp_path / "home", default_job={"delay_seconds": 0, "job": {"stages": ["prepare"]}})
+    put(ing, "bare.jsonl", (FIXTURES / "text.jsonl").read_bytes())
+    real_write = daemon.ingest.write_text_atomically
+
+    def disk_full(path, text):  # the job record is stored, then its job.yaml cannot be written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(daemon.ingest, "write_text_atomically", disk_full)
+    with pytest.raises(OSError):
+        ing.create_due_default_jobs()
+    assert ing.store.all_datasets()[0]["default_job_due"] is not None, "still due: not lost"
+    monkeypatch.setattr(daemon.ingest, "write_text_atomically", real_write)
+    ing.create_due_default_jobs()
+    ing.create_due_default_jobs()
+    (job,) = ing.store.all_jobs()
+    assert job["spec"]["datasets"] == [ing.store.all_datasets()[0]["sha256"]] and job["state"] == "queued"
+    assert ing.store.all_datasets()[0]["default_job_due"] is None
