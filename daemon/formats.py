@@ -221,8 +221,8 @@ def _json_problem(line: str, exc: ValueError | RecursionError) -> Problem:
     return Problem(f"not valid JSON: {exc}", fix="each line must be one complete JSON object")
 
 
-def _row_fix(row: dict, name: str) -> str | None:
-    if "chosen" in row or "rejected" in row:  # preference (DPO) data: offer the SFT half of it
+def _row_fix(row: object, name: str) -> str | None:
+    if isinstance(row, dict) and ("chosen" in row or "rejected" in row):  # preference (DPO) data: its SFT half
         if "conversations" in row:
             return (f"to fine-tune on the preferred answers now: jq -c '{{conversations: (.conversations + "
                     f"[.chosen])}}' {name} > sft-{name} (then drop sft-{name})")

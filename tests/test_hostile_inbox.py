@@ -218,6 +218,13 @@ def test_valid_looking_json_python_cannot_hold_is_explained(ing: Ingestor, case:
     assert_cleanly_rejected(ing, text)
 
 
+@pytest.mark.parametrize("line", ["5", '"chosen"', "null", "[1, 2]", "true"])
+def test_a_line_that_is_json_but_not_an_object_is_a_normal_rejection(ing: Ingestor, line: str) -> None:
+    put(ing, "scalar.jsonl", line + "\n")
+    text = reasons(ing)["scalar.jsonl"]
+    assert "scalar.jsonl:1: a line must be a JSON object" in text and "trainbox failed" not in text
+
+
 def test_a_dataset_over_the_size_limit_is_rejected_unread(tmp_path: Path) -> None:
     ing = make_ingestor(tmp_path / "home", limits={"max_dataset_mb": 0.001})
     put(ing, "big.jsonl", '{"text": "' + "x" * 2000 + '"}\n')

@@ -26,6 +26,7 @@ line_bytes = st.one_of(rows.map(lambda r: json.dumps(r).encode()), st.binary(max
                        st.text(max_size=40).map(lambda t: t.encode("utf-8")))
 # valid-looking JSON that Python cannot hold, and raw separators that are legal inside JSON strings
 hostile_json = st.one_of(
+    json_values.map(lambda v: json.dumps(v).encode()),  # valid JSON that is not an object
     st.integers(1, 3000).map(lambda n: ('{"text": ' + "[" * n + "]" * n + "}").encode()),
     st.integers(0xD800, 0xDFFF).map(lambda c: ('{"text": "a\\u%04x b"}' % c).encode()),
     st.integers(4200, 4400).map(lambda n: ('{"text": "x", "n": ' + "9" * n + "}").encode()),
