@@ -17,6 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.config import DaemonSettings
 from daemon.control import RequestRefused, check_request, pending_requests, retry_job
+from daemon.datasetcheck import DatasetChecker
 from daemon.gpus import gpu_indices
 from daemon.inbox import InboxWatcher, is_ignored
 from daemon.ingest import Ingestor
@@ -30,6 +31,8 @@ from daemon.supervisor import Supervisor
 log = logging.getLogger(__name__)
 EXIT_OK = 0
 STORAGE_RETRY_S = 5.0
+# the main loop ingests for at most this long before it supervises, heartbeats and reads requests again
+INGEST_SLICE_S = 1.0
 _stop = threading.Event()
 _wake = threading.Event()
 
@@ -70,7 +73,8 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
         store = Store.for_home(layout.home)
         gpus = gpu_indices()
         notifier = Notifier(settings.notify, layout.home)
-        ingestor = Ingestor(layout, store, settings, len(gpus), notifier.notify)
+        checker = DatasetChecker(int(settings.limits.max_dataset_mb * 1e6), _wake)
+        ingestor = Ingestor(layout, store, settings, len(gpus), notifier.notify, checker)
         supervisor = Supervisor(layout, store, settings, gpus, notifier.notify)
         watcher = InboxWatcher(layout.inbox, settings.watch, _wake)
         started = time.time()
@@ -106,9 +110,9 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
                 _wake.clear()
                 try:
                     if any(layout.ingesting.iterdir()):  # claims an earlier storage error left half done
-                        ingestor.recover()
-                    for path in watcher.ready_files():
-                        ingestor.ingest(path)
+                        ingestor.recover(at_start=False)
+                    ingestor.finish_checked()  # first: it frees the checker for the datasets ready now
+                    _ingest_a_slice(watcher, ingestor)
                     ingestor.create_due_default_jobs()
                     _apply_requests(layout.home, store, supervisor)
                     supervisor.tick()
@@ -149,14 +153,35 @@ def run_daemon(home: Path, settings: DaemonSettings, once: bool = False) -> int:
     return EXIT_OK
 
 
+def _ingest_a_slice(watcher: InboxWatcher, ingestor: Ingestor) -> None:
+    """Take ready files for at most INGEST_SLICE_S (a burst must not hold supervision and heartbeats);
+    a dataset waits in the inbox while the checker is busy (its result wakes the loop)."""
+    slice_ends = time.monotonic() + INGEST_SLICE_S
+    later, out_of_time = [], False
+    for path in watcher.ready_files():
+        out_of_time = out_of_time or time.monotonic() > slice_ends
+        if out_of_time or not ingestor.can_take(path):
+            later.append(path)
+        else:
+            ingestor.ingest(path)
+    if later:
+        watcher.put_back(later, wake=out_of_time)
+
+
 def _idle(layout: Layout, store: Store, watcher: InboxWatcher, supervisor: Supervisor) -> bool:
-    if watcher.has_pending() or any(p.is_file() and not is_ignored(p.name) for p in layout.inbox.iterdir()):
+    if watcher.has_pending() or _inbox_has_entries(layout.inbox):
         if not watcher.has_pending():
             watcher.rescan()
         return False
     if any(layout.ingesting.iterdir()) or supervisor.busy():
         return False
     return not store.datasets.search(Q.default_job_due != None)  # noqa: E711
+
+
+def _inbox_has_entries(inbox: Path) -> bool:
+    """Anything but folders and temporary names (links and FIFOs too: they are set aside with a reason)."""
+    with os.scandir(inbox) as entries:
+        return any(not e.is_dir(follow_symlinks=False) and not is_ignored(e.name) for e in entries)
 
 
 def _apply_requests(home: Path, store: Store, supervisor: Supervisor) -> None:

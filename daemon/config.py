@@ -5,10 +5,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from daemon.jobfile import decode_utf8, parse_yaml_model
 from daemon.jobspec import JobSpec
+from daemon.untrusted import read_capped
+
+MAX_SETTINGS_BYTES = 64_000
 
 
 class Strict(BaseModel):
@@ -36,10 +39,23 @@ class DefaultJobSettings(Strict):
     enabled: bool = True
     delay_seconds: float = Field(5.0, ge=0, description="Wait this long for a job YAML naming the dataset.")
     job: dict = Field(default_factory=lambda: {"base_model": "builtin:tiny"},
-                      description="Job keys applied to a dataset dropped without a job (name/datasets are filled in).")
+                      description="Job keys applied to a dataset dropped without a job (name/datasets are filled in).",
+                      json_schema_extra={"keys_of": "JobSpec"})
 
-    def spec_for(self, dataset_name: str, job_name: str) -> JobSpec:
-        return JobSpec.model_validate({**self.job, "name": job_name, "datasets": [dataset_name]})
+    @field_validator("job")
+    @classmethod
+    def _valid_job(cls, job: dict) -> dict:
+        # validated with the settings, so a typo is reported when daemon.yaml loads (and by doctor), never
+        # when the first bare dataset comes due; errors keep their key path (default_job.job.train....)
+        JobSpec.model_validate({**job, "name": "default", "datasets": ["dataset.jsonl"]})
+        return job
+
+    def spec_for(self, dataset: str, job_name: str) -> JobSpec:
+        return JobSpec.model_validate({**self.job, "name": job_name, "datasets": [dataset]})
+
+
+class LimitSettings(Strict):
+    max_dataset_mb: float = Field(1024.0, gt=0, description="A larger dropped dataset is rejected unread.")
 
 
 class ResourceSettings(Strict):
@@ -87,6 +103,7 @@ class DaemonSettings(Strict):
     default_job: DefaultJobSettings = DefaultJobSettings()
     resources: ResourceSettings = ResourceSettings()
     notify: NotifySettings = NotifySettings()
+    limits: LimitSettings = LimitSettings()
 
 
 def resolve_home(cli_home: str | None) -> Path:
@@ -103,5 +120,7 @@ def load_settings(home: Path) -> DaemonSettings:
 
 
 def _parse(path: Path) -> DaemonSettings:
-    return parse_yaml_model(decode_utf8(str(path), path.read_bytes()), str(path), DaemonSettings,
+    # a link is fine here (people link their config), but the size is capped like every input
+    data = read_capped(path, MAX_SETTINGS_BYTES, str(path), "settings file", follow_links=True)
+    return parse_yaml_model(decode_utf8(str(path), data), str(path), DaemonSettings,
                             examples="the commented configs/daemon.yaml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 MAX_REPORTED = 20
+TOO_DEEP = "values are nested too deeply (Python's JSON reader stops near 1000 levels)"
 FORMAT_HELP = (
     "each line must be one JSON object in one of these formats: "
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}, '
@@ -194,17 +196,72 @@ def _think(value: Any) -> dict[str, str] | None:
 
 
 def iter_lines(name: str, data: bytes) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every non-blank line; UTF-8 with or without BOM, LF or CRLF."""
+    """(line number, text) of every non-blank line; UTF-8 with or without BOM, LF or CRLF.
+
+    Lines end at \n only: U+2028, U+2029 and U+0085 are legal raw inside JSON strings.
+    """
     text = decode_utf8(name, data)
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip(" \t\r"):
             yield number, line
 
 
-def read_examples(path: Path, name: str | None = None) -> tuple[DatasetInfo, list[Example]]:
-    """Validate a whole JSONL dataset; raise InvalidInput listing the first bad lines."""
+def _json_problem(line: str, exc: ValueError | RecursionError) -> Problem:
+    """A line ``json.loads`` refused, explained; the cases are valid-looking JSON Python cannot hold."""
+    if isinstance(exc, json.JSONDecodeError):
+        return Problem(f"not valid JSON: {exc.msg}", column=exc.colno, fix="each line must be one complete JSON object")
+    if isinstance(exc, RecursionError):
+        return Problem(TOO_DEEP, column=_deepest_column(line), fix="flatten the row: training rows need a few "
+                                                                 "levels of nesting")
+    digits = re.search(r"\d{4301,}", line)
+    if digits:
+        return Problem(f"a number with {len(digits.group())} digits: Python reads at most 4300", column=digits.start() + 1,
+                       fix="write it as a string (in quotes)")
+    return Problem(f"not valid JSON: {exc}", fix="each line must be one complete JSON object")
+
+
+def _row_fix(row: object, name: str) -> str | None:
+    if isinstance(row, dict) and ("chosen" in row or "rejected" in row):  # preference (DPO) data: its SFT half
+        if "conversations" in row:
+            return (f"to fine-tune on the preferred answers now: jq -c '{{conversations: (.conversations + "
+                    f"[.chosen])}}' {name} > sft-{name} (then drop sft-{name})")
+        return "keep the prompt and the 'chosen' reply as an SFT row (messages or prompt/completion); drop 'rejected'"
+    return None
+
+
+def _deepest_column(line: str) -> int:
+    depth = deepest = column = 0
+    for i, char in enumerate(line, start=1):  # brackets inside strings count too: a rough position
+        depth += (char in "[{") - (char in "]}")
+        if depth > deepest:
+            deepest, column = depth, i
+    return column
+
+
+def _lone_surrogate(line: str, row: object) -> Problem | None:
+    """An escaped half of a UTF-16 pair (``"\\ud830"``) parses, but is no character and cannot be saved."""
+    if "\\u" not in line:
+        return None
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        found = re.search(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})", line)
+        return Problem(f"{found.group() if found else 'an escape'} is half of a UTF-16 surrogate pair without its "
+                       "other half: not a character", column=found.start() + 1 if found else None,
+                       fix="remove it, or write the complete pair (e.g. \\ud83d\\ude00); the text was "
+                           "probably cut in the middle of an emoji")
+    return None
+
+
+def read_examples(path: Path, name: str | None = None,
+                  data: bytes | None = None) -> tuple[DatasetInfo, list[Example]]:
+    """Validate a whole JSONL dataset; raise InvalidInput listing the first bad lines.
+
+    ``data``: the file's bytes when the caller already read them (ingest reads inbox files capped).
+    """
     name = name or Path(path).name
-    data = Path(path).read_bytes()
+    data = Path(path).read_bytes() if data is None else data
     if b"\x00" in data[:8192]:
         raise InvalidInput(name, [Problem("the file contains NUL bytes: it is binary, not JSONL text",
                                           fix="export the dataset as UTF-8 JSON Lines (one object per line)")],
@@ -214,14 +271,18 @@ def read_examples(path: Path, name: str | None = None) -> tuple[DatasetInfo, lis
     fmt: str | None = None
     fmt_line = 0
     bad = 0
+    repeats: dict[str, list[int]] = {}
     for number, line in iter_lines(name, data):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
+            problem = _lone_surrogate(line, row)
+        except (ValueError, RecursionError) as exc:
+            row, problem = None, _json_problem(line, exc)
+        if problem is not None:
             bad += 1
             if len(problems) < MAX_REPORTED:
-                problems.append(Problem(f"not valid JSON: {exc.msg}", line=number, column=exc.colno,
-                                        fix="each line must be one complete JSON object"))
+                problem.line = number
+                problems.append(problem)
             continue
         try:
             if not isinstance(row, dict):
@@ -235,12 +296,22 @@ def read_examples(path: Path, name: str | None = None) -> tuple[DatasetInfo, lis
                 raise RowError(f"this row is '{row_fmt}' but line {fmt_line} is '{fmt}': mixed formats in one "
                                "file; split them into one file per format")
             examples.append(normalize_row(row, fmt))
-        except RowError as exc:
+        except (RowError, RecursionError) as exc:
             bad += 1
-            if len(problems) < MAX_REPORTED:
-                problems.append(Problem(str(exc), line=number))
+            message = str(exc) if isinstance(exc, RowError) else TOO_DEEP
+            if message in repeats:  # said once, with the count and the lines
+                repeats[message].append(number)
+            elif len(problems) < MAX_REPORTED:
+                repeats[message] = []
+                problems.append(Problem(message, line=number, fix=_row_fix(row, name)))
+    for problem in problems:
+        more_lines = repeats.get(problem.message)
+        if more_lines:
+            shown = ", ".join(map(str, more_lines[:10])) + (", ..." if len(more_lines) > 10 else "")
+            problem.message += f" (the same on {len(more_lines)} more line(s): {shown})"
     if problems:
-        more = f" (first {MAX_REPORTED} shown)" if bad > MAX_REPORTED else ""
+        shown_lines = len(problems) + sum(len(lines) for lines in repeats.values())
+        more = f" (first {len(problems)} shown)" if bad > shown_lines else ""
         raise InvalidInput(name, problems, f"{bad} bad line(s){more}; nothing was imported")
     if not examples:
         raise InvalidInput(name, [Problem("the file has no data lines", fix=FORMAT_HELP)], "empty dataset")

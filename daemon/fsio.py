@@ -1,6 +1,7 @@
 """Durable file writes: temp file, flush, fsync, os.replace, fsync of the directory."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -38,6 +39,21 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def write_new_file_durably(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data``; FileExistsError if it exists (never replaces a file)."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     write_bytes_atomically(path, text.encode("utf-8"))
 
@@ -61,6 +77,30 @@ def append_line_durably(path: Path, line: str) -> None:
         fh.write(line.rstrip("\n") + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def move_without_replacing(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` durably; FileExistsError if ``dst`` exists (nothing is overwritten).
+
+    A hard link then unlink is the portable no-replace rename; where links are not supported (FAT,
+    some shares) an existence check before the rename is the best available.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+    else:
+        os.unlink(src)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
 
 
 def move_durably(src: Path, dst: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -102,7 +103,7 @@ class InboxWatcher(FileSystemEventHandler):
 
     def _note(self, path: Path, closed: bool) -> None:
         try:
-            st = path.stat()
+            st = path.lstat()  # never through a link: what is in the inbox, not what it points to
         except FileNotFoundError:
             self._forget(path)
             return
@@ -120,12 +121,17 @@ class InboxWatcher(FileSystemEventHandler):
         added = False
         for entry in entries:
             path = Path(entry.path)
-            if not entry.is_file() or is_ignored(entry.name):
+            # every entry but a real folder: links, FIFOs, sockets and devices are reported too, so that
+            # ingest sets them aside with a reason instead of leaving them unexplained
+            if entry.is_dir(follow_symlinks=False) or is_ignored(entry.name):
                 continue
             with self._lock:
                 if path in self._pending:
                     continue
-                st = entry.stat()
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
                 self._pending[path] = _Candidate(st.st_size, st.st_mtime_ns, time.monotonic(), False)
                 added = True
         if added:
@@ -152,8 +158,15 @@ class InboxWatcher(FileSystemEventHandler):
         with self._lock:
             for path, cand in list(self._pending.items()):
                 try:
-                    st = path.stat()
+                    st = path.lstat()
                 except FileNotFoundError:
+                    del self._pending[path]
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    del self._pending[path]
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # nothing to wait for: it is set aside unread
+                    ready.append((cand.changed_at, path, True))
                     del self._pending[path]
                     continue
                 if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
@@ -166,6 +179,19 @@ class InboxWatcher(FileSystemEventHandler):
                     ready.append((cand.changed_at, path, cand.closed))
                     del self._pending[path]
         return ready
+
+    def put_back(self, paths: list[Path], wake: bool = True) -> None:
+        """Files ``ready_files`` returned that were not taken yet: ready again at the next call, in order;
+        ``wake``: at once (else when something else wakes the loop)."""
+        with self._lock:
+            for order, path in enumerate(paths):
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:
+                    continue
+                self._pending.setdefault(path, _Candidate(st.st_size, st.st_mtime_ns, float(order) - 1e9, True))
+        if wake:
+            self.wake.set()
 
     def has_pending(self) -> bool:
         with self._lock:

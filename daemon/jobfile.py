@@ -11,8 +11,15 @@ from pydantic import BaseModel, ValidationError
 
 from daemon.errors import InvalidInput, Problem
 from daemon.jobspec import JobSpec
+from daemon.untrusted import read_capped
 
-MAX_JOB_BYTES = 1_000_000
+MAX_JOB_BYTES = 64_000  # a job is a few lines; PyYAML reads ~100 kB/s at worst, so this bounds the time too
+# bounds on what a YAML text may build, so a small hostile file (alias "billion laughs", deep nesting)
+# costs milliseconds: values are counted with aliases expanded
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 20_000
+PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
+                       ("null", "bool", "int", "float", "str", "seq", "map", "merge"))
 
 
 class YAML12Loader(yaml.SafeLoader):
@@ -26,6 +33,11 @@ YAML12Loader.yaml_implicit_resolvers = {
 }
 YAML12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2 has no implicit timestamps either: 2024-01-01 stays text, and no date is ever out of range
+YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in YAML12Loader.yaml_implicit_resolvers.items()
+}
 
 
 def decode_utf8(name: str, data: bytes) -> str:
@@ -42,15 +54,57 @@ def decode_utf8(name: str, data: bytes) -> str:
         ) from None
 
 
+class _BoundedLoader(YAML12Loader):
+    """Composes at most ``MAX_YAML_VALUES`` nodes, nested at most ``MAX_YAML_DEPTH`` deep."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._count = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self._depth += 1
+        self._count += 1
+        if self._depth > MAX_YAML_DEPTH or self._count > MAX_YAML_VALUES:
+            raise _TooBig(self.peek_event().start_mark, deep=self._depth > MAX_YAML_DEPTH)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooBig(Exception):
+    def __init__(self, mark: yaml.Mark | None, deep: bool):
+        super().__init__(mark)
+        self.mark = mark
+        self.deep = deep
+
+    def problem(self) -> Problem:
+        what = (f"values are nested more than {MAX_YAML_DEPTH} levels deep" if self.deep else
+                f"the file holds more than {MAX_YAML_VALUES} values (anchors/aliases counted expanded)")
+        return Problem(what, line=self.mark.line + 1 if self.mark else None,
+                       column=self.mark.column + 1 if self.mark else None,
+                       fix="write the values out plainly; a trainbox file needs a few levels and no alias chains")
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse deep ``[[[[``/``{{{{`` before PyYAML sees it: its scanner is quadratic in flow depth.
+
+    Brackets inside quotes count too (a cheap over-estimate: only text with 64 unclosed brackets trips it).
+    """
+    depth = 0
+    for match in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        if depth > MAX_YAML_DEPTH:
+            line = text.count("\n", 0, match.start())
+            raise _TooBig(yaml.Mark("", match.start(), line, match.start() - (text.rfind("\n", 0, match.start()) + 1),
+                                    None, None), deep=True)
+
+
 def load_job_file(path: Path, name: str | None = None) -> JobSpec:
-    """Parse and validate a job YAML file."""
+    """Parse and validate a job YAML file (a regular file, never through a link, at most MAX_JOB_BYTES)."""
     name = name or Path(path).name
-    data = Path(path).read_bytes()
-    if len(data) > MAX_JOB_BYTES:
-        raise InvalidInput(name, [Problem(f"{len(data)} bytes is too large for a job file",
-                                          fix="a job file is a few lines of YAML; put data in a .jsonl dataset")],
-                           "too large")
-    return parse_job_text(decode_utf8(name, data), name)
+    return parse_job_text(decode_utf8(name, read_capped(Path(path), MAX_JOB_BYTES, name, "job file")), name)
 
 
 def parse_job_text(text: str, name: str) -> JobSpec:
@@ -68,24 +122,41 @@ def parse_yaml_model(text: str, name: str, schema: type[M], examples: str) -> M:
     if not text.strip():
         raise InvalidInput(name, [Problem("the file is empty",
                                           fix=f"see {examples} for complete examples")], "empty file")
+    loader = None
     try:
-        root = yaml.compose(text, Loader=YAML12Loader)
+        _check_flow_depth(text)
+        loader = _BoundedLoader(text)  # its reader already refuses control characters
+        root = loader.get_single_node()
+        if not isinstance(root, yaml.MappingNode):
+            line = root.start_mark.line + 1 if root is not None else None
+            raise InvalidInput(name, [Problem("the top level must be a mapping of keys (key: value lines)",
+                                              line=line, fix=f"see {examples} for the layout")],
+                               "not a mapping")
+        problems = _walk_checked(root)
+        if problems:
+            raise InvalidInput(name, problems, "not a plain YAML file" if problems[0].key is None
+                               else "duplicate keys")
+        raw = _construct(loader, root, name)
+    except _TooBig as exc:
+        raise InvalidInput(name, [exc.problem()], "YAML too large or too deep") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise InvalidInput(name, [Problem(
+            f"character {exc.character!r} is not allowed in YAML", line=line, column=column,
+            fix="remove control characters (such as NUL) and save the file as plain UTF-8 text")],
+            "not valid YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise InvalidInput(name, [Problem(
-            f"YAML syntax error: {getattr(exc, 'problem', None) or exc}",
+            f"YAML {'value' if isinstance(exc, yaml.constructor.ConstructorError) else 'syntax'} error: "
+            f"{getattr(exc, 'problem', None) or exc}",
             line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
             fix="check indentation (spaces, not tabs) and quoting around this position")],
             "not valid YAML") from None
-    if not isinstance(root, yaml.MappingNode):
-        line = root.start_mark.line + 1 if root is not None else None
-        raise InvalidInput(name, [Problem("the top level must be a mapping of keys (key: value lines)",
-                                          line=line, fix=f"see {examples} for the layout")],
-                           "not a mapping")
-    problems = _duplicate_keys(root)
-    if problems:
-        raise InvalidInput(name, problems, "duplicate keys")
-    raw = yaml.load(text, Loader=YAML12Loader)
+    finally:
+        if loader is not None:
+            loader.dispose()
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
@@ -93,23 +164,63 @@ def parse_yaml_model(text: str, name: str, schema: type[M], examples: str) -> M:
                            f"{exc.error_count()} problem(s) in the job") from None
 
 
-def _duplicate_keys(node: yaml.Node, path: str = "") -> list[Problem]:
-    problems: list[Problem] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            k = str(key.value)
-            kp = f"{path}.{k}" if path else k
-            if k in seen:
-                problems.append(Problem("key appears twice", line=key.start_mark.line + 1,
+def _construct(loader: yaml.Loader, root: yaml.Node, name: str) -> object:
+    """Python values of the checked tree; a scalar Python cannot hold (an integer of more than 4300
+    digits) is reported at its own line."""
+    try:
+        return loader.construct_document(root)
+    except ValueError:
+        probe = YAML12Loader("")  # the failed construction left ``loader`` mid-way
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, yaml.ScalarNode):
+                try:
+                    probe.construct_object(node)
+                except ValueError as exc:
+                    raise InvalidInput(name, [Problem(
+                        f"this value cannot be read: {exc}", line=_line(node), column=_col(node),
+                        fix="quote it to make it text, or write a smaller number")], "not valid YAML") from None
+            elif isinstance(node, yaml.MappingNode):
+                stack += [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                stack += node.value
+        raise
+
+
+def _walk_checked(root: yaml.Node) -> list[Problem]:
+    """Tags and duplicate keys; raises _TooBig once the tree, aliases expanded, passes the bounds.
+
+    Iterative with a budget: an alias chain (or a cycle, ``&a [*a]``) is cut off, never walked whole.
+    """
+    tags: list[Problem] = []
+    dups: list[Problem] = []
+    budget = MAX_YAML_VALUES
+    stack: list[tuple[yaml.Node, str, int]] = [(root, "", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > MAX_YAML_DEPTH:
+            raise _TooBig(node.start_mark, deep=depth > MAX_YAML_DEPTH)
+        if node.tag not in PLAIN_TAGS and len(tags) < 5:
+            tags.append(Problem(f"the tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
+                                line=node.start_mark.line + 1, column=node.start_mark.column + 1,
+                                fix="remove the tag: trainbox files hold plain values (text, numbers, "
+                                    "true/false, lists, mappings)"))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                k = str(key.value) if isinstance(key, yaml.ScalarNode) else "(complex key)"
+                kp = f"{path}.{k}" if path else k
+                if k in seen and len(dups) < 20:
+                    dups.append(Problem("key appears twice", line=key.start_mark.line + 1,
                                         column=key.start_mark.column + 1, key=kp,
                                         fix="keep one of the two entries"))
-            seen.add(k)
-            problems += _duplicate_keys(value, kp)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            problems += _duplicate_keys(item, f"{path}[{i}]")
-    return problems
+                seen.add(k)
+                stack += [(value, kp, depth + 1), (key, kp, depth + 1)]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(node.value)]
+    return tags or dups
 
 
 def _node_at(root: yaml.Node, loc: tuple) -> tuple[yaml.Node, bool]:
@@ -147,7 +258,8 @@ def _model_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        model = _find_model(field.annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        model = _find_model(field.annotation) or (JobSpec if extra.get("keys_of") == "JobSpec" else None)
     return model
 
 
@@ -216,9 +328,15 @@ def _col(node: yaml.Node | None) -> int | None:
 def key_position(text: str, dotted: str) -> tuple[int | None, int | None]:
     """(line, column) of the key ``a.b.c`` in a YAML text, or of its nearest present parent."""
     try:
-        root = yaml.compose(text, Loader=YAML12Loader)
+        loader = _BoundedLoader(text)
     except yaml.YAMLError:
         return None, None
+    try:
+        root = loader.get_single_node()
+    except (yaml.YAMLError, _TooBig):
+        return None, None
+    finally:
+        loader.dispose()
     node = _key_node(root, tuple(dotted.split("."))) if root is not None else None
     parts = dotted.split(".")
     while node is None and len(parts) > 1:

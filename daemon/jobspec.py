@@ -210,6 +210,15 @@ class JobSpec(Strict):
     def _one_dataset(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("datasets")
+    @classmethod
+    def _matchable(cls, v: list[str]) -> list[str]:
+        for pattern in v:  # patterns match dropped file names: a path or '..' can never match one
+            if "/" in pattern or "\\" in pattern or pattern.strip(". ") == "" or pattern != pattern.strip():
+                raise ValueError(f"{pattern!r} can never match a dropped dataset: patterns name files dropped in "
+                                 "the inbox (e.g. data.jsonl, data, data-*.jsonl or a sha256 prefix), not paths")
+        return v
+
     @field_validator("stages")
     @classmethod
     def _stage_order(cls, v: list[str]) -> list[str]:

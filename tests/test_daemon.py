@@ -213,3 +213,49 @@ def test_file_moved_in_from_another_folder_is_ingested(home: Path, daemon_factor
     os.replace(outside, home / "inbox" / "moved.jsonl")  # inotify sees a create, never a close
     ds = wait_for(lambda: read_store(home).all_datasets(), 10, "moved-in file ingested")
     assert ds[0]["name"] == "moved.jsonl"
+
+
+def test_a_default_job_typo_stops_the_start_with_the_fix(home: Path) -> None:
+    set_settings(home, default_job={"job": {"train": {"max_stpes": 3}}})
+    out = cli(home, "run", "--once")
+    assert out.returncode == 2
+    assert "default_job.job.train.max_stpes: is not a field" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_once_finishes_despite_fifos_and_links_in_the_inbox_and_in_claims(home: Path) -> None:
+    os.mkfifo(home / "inbox" / "pipe.jsonl")
+    (home / "inbox" / "zero.jsonl").symlink_to("/dev/zero")
+    (home / "inbox" / "gone.jsonl").symlink_to(home / "nowhere")
+    os.mkfifo(Layout(home).ingesting / "20260101000000-abcdef12__claimed.jsonl")  # left by a crash
+    drop(home / "inbox", "good.jsonl", (FIXTURES / "text.jsonl").read_text())
+    run = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--once", "--home", str(home)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(r["file"] for r in rejected_files(Layout(home))) == [
+        "claimed.jsonl", "gone.jsonl", "pipe.jsonl", "zero.jsonl"]
+    assert [d["name"] for d in read_store(home).all_datasets()] == ["good.jsonl"]
+
+
+def test_a_large_dataset_is_checked_while_the_loop_goes_on(home: Path, daemon_factory) -> None:
+    set_settings(home, default_job={"enabled": False})
+    daemon_factory().wait_ready()
+    rows = "".join(json.dumps({"prompt": f"question {i} " + "q" * 200, "completion": "answer " + "a" * 80}) + "\n"
+                   for i in range(100_000))
+    drop(home / "inbox", "big.jsonl", rows)  # ~33 MB: seconds of validation
+    wait_for(lambda: list(Layout(home).ingesting.iterdir()), 10, "big.jsonl claimed")
+    drop(home / "inbox", "meanwhile.yaml", "name: meanwhile\ndatasets: [later]\nstages: [prepare]\n")
+    wait_for(lambda: read_store(home).all_jobs(), 10, "the job taken while big.jsonl is checked")
+    assert not read_store(home).all_datasets(), "the job did not wait for the dataset's validation"
+    ds = wait_for(lambda: read_store(home).all_datasets(), 120, "big.jsonl stored")
+    assert ds[0]["rows"] == 100_000
+
+
+def test_show_says_why_a_job_cannot_start(home: Path, daemon_factory) -> None:
+    daemon_factory().wait_ready()
+    drop(home / "inbox", "j.yaml", "name: j\ndatasets: [prefs]\nstages: [prepare]\n")
+    drop(home / "inbox", "prefs.jsonl", '{"conversations": [{"from": "human", "value": "q"}], '
+                                        '"chosen": {"from": "gpt", "value": "a"}, "rejected": {}}\n')
+    job = wait_for(lambda: [j for j in jobs_json(home) if j["error"]], 15, "the job's explanation")[0]
+    assert job["state"] == "waiting" and "prefs.jsonl was rejected: 1 bad line(s); nothing was imported" in job["error"]
+    shown = cli(home, "show", "j").stdout
+    assert "prefs.jsonl was rejected" in shown and "prefs.jsonl.error.txt" in shown

@@ -49,3 +49,12 @@ def test_notify_lines_mark_unconfigured_backends_off():
     lines = {c.name: c for c in notify_checks(NotifyBackendSettings(desktop=False, audio=False))}
     assert lines["notify webhook"].status == "off" and lines["notify webhook"].fix == ""
     assert isinstance(lines["notify audio"], Check)
+
+
+def test_doctor_reports_a_typo_in_default_job(tmp_path, monkeypatch):
+    monkeypatch.setattr("daemon.doctor.ml_stack_checks", lambda: [])
+    (tmp_path / "daemon.yaml").write_text("default_job:\n  job:\n    train: {max_stpes: 3}\n")
+    check = {c.name: c for c in run_checks(tmp_path)}["daemon settings"]
+    assert check.status == "FAIL"
+    assert "default_job.job.train.max_stpes: is not a field" in check.detail
+    assert "did you mean default_job.job.train.max_steps?" in check.detail

@@ -207,11 +207,11 @@ def test_a_file_that_cannot_be_claimed_yet_stays_and_is_retried(ingestor: Ingest
 
 
 def test_an_unexpected_error_sets_the_file_aside_and_ingest_goes_on(ingestor: Ingestor, monkeypatch) -> None:
-    import daemon.ingest as ingest_module
+    import daemon.datasetcheck as check_module
 
-    def broken_reader(path, name=None):
+    def broken_reader(path, name=None, data=None):
         raise RuntimeError("simulated bug")
-    monkeypatch.setattr(ingest_module, "read_examples", broken_reader)
+    monkeypatch.setattr(check_module, "read_examples", broken_reader)
     put(ingestor, "boom.jsonl", (FIXTURES / "text.jsonl").read_bytes())
     text = only_rejection(ingestor)
     assert "trainbox failed while reading this file" in text and "simulated bug" in text

@@ -41,7 +41,7 @@ def test_disk_full_during_ingest_loses_nothing_and_recovers(home: Path, monkeypa
         ds = wait_for(lambda: read_store(home).all_datasets(), 20, "ingest after space returns")
         assert ds[0]["name"] == "during.jsonl" and (home / ds[0]["path"]).is_file()
         assert not list(Layout(home).ingesting.iterdir()) and not rejected_files(Layout(home))
-        assert "storage is writable again" in caplog.text
+        wait_for(lambda: "storage is writable again" in caplog.text, 10, "the loop to notice")
     finally:
         request_stop()
         thread.join(30)
