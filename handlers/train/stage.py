@@ -19,6 +19,7 @@ import torch
 
 from daemon.errors import StageFailed
 from daemon.fsio import fsync_dir
+from handlers import diskspace
 from handlers.context import StageContext, StageResult
 from handlers.modelio import load_tokenizer, resolve_base_model
 from handlers.train import data, metrics, progress
@@ -158,13 +159,20 @@ def run_train(ctx: StageContext) -> StageResult:
     finally:
         observers.stop()
         run.metrics.close()
-    return finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows))
+    result = diskspace.until_written(
+        "the adapter, metrics and report",
+        lambda: finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows)),
+        ctx.should_stop)
+    if diskspace.summary():
+        ctx.emit_event("resource_warning", diskspace.summary(), resource="disk")
+    return result
 
 
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
            resumed_from: int | None, n_train: int, n_val: int) -> StageResult:
     stage_dir, state, history = ctx.stage_dir, run.state, run.metrics.history
     adapter_dir, _tokenizer_dir = save_outputs(stage_dir, run.model, tokenizer)
+    run.metrics.ensure_complete()
     run.metrics.write_csv()
     metrics.plot_curves(history, stage_dir / metrics.PLOT)
     losses = [r["loss"] for r in history if r.get("loss") is not None]
