@@ -100,7 +100,7 @@ class StageContext:
         best_effort("progress.json", lambda: write_json_atomically(self.stage_dir / PROGRESS_FILE, record))
 
     def emit_event(self, kind: str, message: str, **data: Any) -> None:
-        """Pass an event (e.g. ``resource_warning``) to the daemon, which notifies the user (lost if the disk is full)."""
+        """Pass an event (e.g. ``resource_warning``) to the daemon, which notifies the user (lost on a full disk)."""
         line = json.dumps({"time": time.time(), "kind": kind, "message": message, "stage": self.stage, **data},
                           default=str)
         best_effort("an event for the daemon", lambda: append_line_durably(self.stage_dir / EVENTS_FILE, line))
