@@ -154,3 +154,19 @@ def test_leftover_placeholders_are_reported_by_prepare_and_reach_show_and_events
     events = [e for e in read_store(home).recent_events(50) if e["kind"] == "data_warning"]
     assert len(events) == 1 and events[0]["job_id"] == job["id"] and events[0]["message"].startswith(want)
     assert want in (home / "jobs" / job["id"] / "prepare" / "stage.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_train_stage_puts_the_tool_warning_in_its_result_and_events(tmp_path):
+    from train_fixtures import make_train_stage, run_stage
+
+    examples, _raw = _glaive()
+    stage = make_train_stage(tmp_path, {"train": examples, "val": [], "test": []},
+                             {"max_steps": 2, "batch_size": 2, "max_seq_length": 256})
+    assert run_stage(stage) == 0, (tmp_path / "job" / "child.log").read_text()
+    result = json.loads((stage / "result.json").read_text())
+    (warning,) = result["summary"]["data_warnings"]
+    assert warning.startswith("train split: 2 rows defining tools, 4 tool calls, 4 tool results")
+    assert warning in result["message"]
+    events = [json.loads(line) for line in (stage / "events.jsonl").read_text().splitlines()]
+    assert [e["message"] for e in events if e["kind"] == "data_warning"] == [warning]
