@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import signal
 import subprocess
 import time
@@ -120,9 +121,13 @@ def test_a_stop_while_the_disk_is_full_exits_75_and_resumes_exactly(reference, s
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, log.read_text()
     assert not (stage / "result.json").exists()
+    stopped_at = int(re.search(r"stopped at step (\d+)/", log.read_text())[1])
+    newest = newest_complete_checkpoint(stage / "checkpoints")
+    assert newest is not None and newest.step < stopped_at  # the emergency checkpoint found no space
+    assert "resume starts from the newest checkpoint written before" in log.read_text()
 
     filler.unlink()
     assert run_stage(stage) == 0, log.read_text()
     resumed = json.loads((stage / "result.json").read_text())["summary"]["resumed_from_step"]
-    assert resumed is not None and resumed >= (before.step if before else 0)
+    assert resumed == newest.step and resumed >= (before.step if before else 0)
     assert_same_run(stage, reference)

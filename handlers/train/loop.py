@@ -173,8 +173,9 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
     step_seconds = None
     while run.state.step < run.total_steps:
         if ctx.should_stop():
-            save_checkpoint(run, "emergency")
-            raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; resume continues from here")
+            saved = save_checkpoint(run, "emergency")
+            raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; " + (
+                "resume continues from here" if saved else "resume starts from the newest checkpoint written before"))
         started = time.monotonic()
         epoch, index = run.batches.position(run.state.step)
         out = train_step(run, run.state.step)
