@@ -159,8 +159,10 @@ def _check_tools(row: dict) -> None:
             return
         try:
             tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise RowError(f"'tools' is a string but not JSON ({exc.msg}); give a list of function schemas") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, too-long integers, absurd nesting
+            reason = getattr(exc, "msg", None) or str(exc)[:100] or type(exc).__name__
+            raise RowError(f"'tools' is a string but not usable JSON ({reason}); give a list of function schemas") \
+                from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RowError("'tools' must be a list of function schemas (objects with 'name' and 'parameters')")
 

@@ -94,6 +94,19 @@ def test_a_loss_weight_trainbox_cannot_honour_is_rejected_with_its_line(tmp_path
 
 
 # tools ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tools, says", [
+    ("{not json", "'tools' is a string but not usable JSON (Expecting property name"),
+    ("[" * 5000 + "]" * 5000, "'tools' is a string but not usable JSON (maximum recursion depth"),
+    ('[{"a": ' + "9" * 5000 + "}]", "'tools' is a string but not usable JSON (Exceeds the limit"),
+    ([1], "'tools' must be a list of function schemas"),
+])
+def test_unusable_tools_are_rejected_at_ingest_with_their_line(tmp_path, tools, says):
+    row = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": tools}
+    with pytest.raises(InvalidInput) as err:
+        rows(tmp_path, {"conversations": row["conversations"]}, row)
+    assert err.value.problems[0].line == 2 and err.value.problems[0].message.startswith(says)
+
+
 def _glaive():
     info, examples = read_examples(LF / "glaive_toolcall_en_demo.head.jsonl")
     assert info.format == "sharegpt"
