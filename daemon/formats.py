@@ -126,12 +126,47 @@ def _messages(turns: Any, key: str, role_key: str, text_key: str, roles: dict[st
         role = roles.get(turn.get(role_key))
         if role is None:
             raise RowError(f"{key}[{i}].{role_key} is {turn.get(role_key)!r}; use one of {sorted(roles)}")
-        out.append({"role": role, "content": _text_of(turn.get(text_key), f"{key}[{i}].{text_key}")})
+        message: dict[str, Any] = {"role": role, "content": _text_of(turn.get(text_key), f"{key}[{i}].{text_key}")}
+        if turn.get(role_key) == "function_call":
+            message["tool_call"] = True  # rendered as the template's tool call where it has one
+        if _loss_weight(turn, f"{key}[{i}]", role) == 0 and role == "assistant":
+            message["loss_weight"] = 0  # a turn shown to the model but not learned
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise RowError(f"'{key}' has no assistant turn to learn from"
                        + ("; preference pairs (chosen/rejected) are not a supported format yet"
                           if "chosen" in key else ""))
     return out
+
+
+def _loss_weight(turn: dict, where: str, role: str) -> float | None:
+    """LLaMA-Factory's per-turn ``loss_weight``: 0 masks the turn, 1 learns it (assistant turns only)."""
+    if "loss_weight" not in turn:
+        return None
+    weight = turn["loss_weight"]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise RowError(f"{where}.loss_weight is {weight!r}; trainbox masks a turn (0) or learns it (1), "
+                       "partial weights are not supported")
+    if weight == 1 and role != "assistant":
+        raise RowError(f"{where}.loss_weight is 1 on a {role} turn; only assistant turns are learned: "
+                       "set it to 0 or remove it")
+    return float(weight)
+
+
+def _check_tools(row: dict) -> None:
+    """``tools``: a list of function schemas, or that list as a JSON string (LLaMA-Factory's sharegpt)."""
+    tools = row["tools"]
+    if isinstance(tools, str):
+        if not tools.strip():
+            return
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError) as exc:  # bad JSON, too-long integers, absurd nesting
+            reason = getattr(exc, "msg", None) or str(exc)[:100] or type(exc).__name__
+            raise RowError(f"'tools' is a string but not usable JSON ({reason}); give a list of function schemas") \
+                from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("'tools' must be a list of function schemas (objects with 'name' and 'parameters')")
 
 
 def normalize_row(row: dict, fmt: str) -> Example:
@@ -177,6 +212,8 @@ def normalize_row(row: dict, fmt: str) -> Example:
         used = {"text"}
     else:
         raise RowError(f"unknown format {fmt}")
+    if fmt in ("messages", "sharegpt") and "tools" in row:
+        _check_tools(row)  # kept in meta; the train stage renders it
     ex.meta = {k: v for k, v in row.items() if k not in used}
     ex.id = hashlib.sha256(json.dumps([fmt, row], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     return ex

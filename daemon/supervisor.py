@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -26,6 +27,31 @@ from handlers.context import EXIT_INTERRUPTED, EVENTS_FILE, LOG_FILE, PROGRESS_F
 
 log = logging.getLogger(__name__)
 PROGRESS_STORE_INTERVAL_S = 2.0
+PUBLISHED_MARKER = ".trainbox-published.json"  # inside a published model folder: which job put it there
+
+
+def publish_model_dir(src: Path, model_root: Path, version: int, job_id: str) -> Path:
+    """Move ``src`` to ``model_root/v<version>``; idempotent per job: one folder per version.
+
+    A folder already there that this job published (a daemon killed after the move, before the store said
+    so) is replaced by the new export; only a folder another job or a person put there makes this one
+    ``v<version>-<job id>``.
+    """
+    write_json_atomically(src / PUBLISHED_MARKER, {"job_id": job_id, "version": version, "published_at": utcnow()})
+    for dest in (model_root / f"v{version}", model_root / f"v{version}-{job_id}"):
+        owner = (read_json(dest / PUBLISHED_MARKER, {}) or {}).get("job_id") if dest.is_dir() else None
+        if owner == job_id:
+            log.info("%s was published by an earlier attempt of job %s; replacing it", dest, job_id)
+            old = dest.with_name(f".replaced-{dest.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            move_durably(dest, old)
+        elif dest.exists() or dest.is_symlink():
+            continue
+        move_durably(src, dest)
+        shutil.rmtree(dest.with_name(f".replaced-{dest.name}"), ignore_errors=True)
+        return dest
+    raise FileExistsError(f"{model_root}: v{version} and v{version}-{job_id} both belong to someone else; "
+                          f"move them away and run 'trainbox retry {job_id}'")
 
 
 @dataclass
@@ -214,10 +240,8 @@ class Supervisor:
     def _publish(self, run: Running, job: dict, artifacts: dict[str, str], message: str) -> dict[str, str]:
         """Move the exported model folder to models/<name>/v<version>/ (atomic rename, same filesystem)."""
         src = Path(artifacts["model_dir"])
-        dest = self.layout.models / job["model"]["name"] / f"v{job['model']['version']}"
-        if dest.exists():
-            dest = dest.with_name(f"{dest.name}-{run.job_id}")
-        move_durably(src, dest)
+        dest = publish_model_dir(src, self.layout.models / job["model"]["name"], job["model"]["version"],
+                                 run.job_id)
         out = {k: str(dest / Path(v).relative_to(src)) if Path(v).is_relative_to(src) else v
                for k, v in artifacts.items()}
         if "exported" in job["spec"]["notify"]["on"]:

@@ -19,6 +19,7 @@ from daemon.errors import InvalidInput, StageFailed, StopRequested
 from daemon.fsio import write_json_atomically
 from handlers.context import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, RESULT_FILE,
                               load_context)
+from handlers.diskspace import best_effort, out_of_space, until_written
 from handlers.registry import STAGES
 
 log = logging.getLogger("handlers")
@@ -71,12 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (InvalidInput, StageFailed) as exc:
         log.error("stage %s failed: %s", args.stage, exc)
-        write_json_atomically(args.stage_dir / RESULT_FILE, {"state": "failed", "error": str(exc)})
+        best_effort(RESULT_FILE, lambda: write_json_atomically(args.stage_dir / RESULT_FILE,
+                                                               {"state": "failed", "error": str(exc)}))
         return EXIT_INVALID if isinstance(exc, InvalidInput) else EXIT_FAILED
+    except OSError as exc:
+        if not out_of_space(exc):
+            log.error("stage %s crashed:\n%s", args.stage, traceback.format_exc())
+            return EXIT_FAILED
+        # a full disk clears: interrupted (resumable), never failed
+        log.error("stage %s stopped, the disk is full: %s; free space, then 'trainbox retry' or a daemon restart "
+                  "resumes the job", args.stage, exc)
+        return EXIT_INTERRUPTED
     except Exception:
         log.error("stage %s crashed:\n%s", args.stage, traceback.format_exc())
         return EXIT_FAILED
-    write_json_atomically(args.stage_dir / RESULT_FILE, result.to_dict())
+    try:
+        until_written(RESULT_FILE, lambda: write_json_atomically(args.stage_dir / RESULT_FILE, result.to_dict()),
+                      ctx.should_stop)
+    except StopRequested as exc:
+        log.warning("stage %s stopped: %s", args.stage, exc)
+        return EXIT_INTERRUPTED
     log.info("stage %s done: %s", args.stage, result.message or result.summary)
     return EXIT_OK
 

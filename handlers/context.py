@@ -15,6 +15,7 @@ from typing import Any
 
 from daemon.fsio import append_line_durably, read_json, write_json_atomically
 from daemon.jobspec import JobSpec
+from handlers.diskspace import best_effort
 
 STAGE_FILE = "stage.json"
 RESULT_FILE = "result.json"
@@ -90,17 +91,19 @@ class StageContext:
         return self.stage_dirs[stage] / rel
 
     def report_progress(self, force: bool = False, **fields: Any) -> None:
-        """Write ``progress.json`` (throttled to once a second unless forced); the daemon shows it."""
+        """Write ``progress.json`` (throttled to once a second unless forced; skipped while the disk is full)."""
         now = time.monotonic()
         if not force and now - self._last_progress < 1.0:
             return
         self._last_progress = now
-        write_json_atomically(self.stage_dir / PROGRESS_FILE, {"stage": self.stage, "time": time.time(), **fields})
+        record = {"stage": self.stage, "time": time.time(), **fields}
+        best_effort("progress.json", lambda: write_json_atomically(self.stage_dir / PROGRESS_FILE, record))
 
     def emit_event(self, kind: str, message: str, **data: Any) -> None:
-        """Pass an event (e.g. ``resource_warning``) to the daemon, which notifies the user."""
-        record = {"time": time.time(), "kind": kind, "message": message, "stage": self.stage, **data}
-        append_line_durably(self.stage_dir / EVENTS_FILE, json.dumps(record, default=str))
+        """Pass an event (e.g. ``resource_warning``) to the daemon, which notifies the user (lost on a full disk)."""
+        line = json.dumps({"time": time.time(), "kind": kind, "message": message, "stage": self.stage, **data},
+                          default=str)
+        best_effort("an event for the daemon", lambda: append_line_durably(self.stage_dir / EVENTS_FILE, line))
 
 
 def load_context(stage_dir: Path, **kwargs: Any) -> StageContext:

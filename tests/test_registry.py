@@ -129,3 +129,99 @@ def test_models_and_compare_commands(store, tmp_path, capsys):
 
     assert _run(["compare", "guard:1", "missing", "--home", home]) == 2
     assert "no model named 'missing'" in capsys.readouterr().err
+
+
+# publishing -------------------------------------------------------------------------------------------
+def _export_job(store: Store) -> dict:
+    from daemon.jobs import new_job
+    from daemon.jobspec import JobSpec
+
+    doc = new_job(JobSpec.model_validate({"name": "guard", "datasets": ["guard.jsonl"], "stages": ["export"]}),
+                  source="test", claim=None)
+    doc.update(state="running", datasets=["abc123"])
+    for stage in doc["stages"]:  # prepare is always added before export
+        stage["state"] = "running" if stage["name"] == "export" else "succeeded"
+    store.insert_job(doc)
+    return doc
+
+
+def _exported_and_exited(layout, job_id: str, gguf: bytes):
+    """What the export stage leaves when it exits 0: model/ with its files and result.json; a real exited child."""
+    import subprocess
+    import sys
+
+    from daemon.supervisor import Running
+
+    stage_dir = layout.stage_dir(job_id, "export")
+    (stage_dir / "model").mkdir(parents=True)
+    (stage_dir / "model" / "model-q8_0.gguf").write_bytes(gguf)
+    (stage_dir / "model" / "Modelfile").write_text("FROM ./model-q8_0.gguf\n")
+    (stage_dir / "result.json").write_text(json.dumps({
+        "state": "succeeded", "summary": {}, "message": "exported guard v1",
+        "artifacts": {"model_dir": "model", "gguf_q8_0": "model/model-q8_0.gguf", "modelfile": "model/Modelfile"},
+        "model": {"artifacts": {"modelfile": "Modelfile"}, "gguf": ["model-q8_0.gguf"]}}))
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait(timeout=60) == 0
+    return Running(job_id, 1, "export", "cpu", proc, stage_dir)
+
+
+def _supervisor(home):
+    from daemon.config import DaemonSettings
+    from daemon.layout import Layout
+    from daemon.supervisor import Supervisor
+
+    layout = Layout(home)
+    layout.create()
+    store = Store.for_home(home)
+    return Supervisor(layout, store, DaemonSettings(), [], lambda *a, **k: None), layout, store
+
+
+def _collect(supervisor, run) -> None:
+    """The supervisor's tick seeing the stage's exit."""
+    supervisor.running[run.job_id] = run
+    supervisor._poll(run)
+    assert run.job_id not in supervisor.running
+
+
+def test_a_kill_while_publishing_then_the_rerun_replaces_its_own_v1(tmp_path):
+    supervisor, layout, store = _supervisor(tmp_path)
+    job = _export_job(store)
+    # _stage_done's first store writes (registry entry, job.model), then the kill lands after the move
+    entry = registry.ensure_entry(store, job)
+    store.update_job(job["id"], {"model": {"name": "guard", "version": entry["version"]}})
+    before_move = (tmp_path / "state" / "trainbox.json").read_bytes()
+    run = _exported_and_exited(layout, job["id"], b"first attempt")
+    _collect(supervisor, run)
+    assert (layout.models / "guard" / "v1" / "model-q8_0.gguf").read_bytes() == b"first attempt"
+    (tmp_path / "state" / "trainbox.json").write_bytes(before_move)  # the store write the kill prevented
+
+    supervisor, layout, store = _supervisor(tmp_path)  # the restarted daemon
+    supervisor.recover()
+    assert [s["state"] for s in store.job(job["id"])["stages"]] == ["succeeded", "pending"]
+    _collect(supervisor, _exported_and_exited(layout, job["id"], b"second attempt"))  # export ran again
+
+    assert sorted(p.name for p in (layout.models / "guard").iterdir()) == ["v1"]
+    published = layout.models / "guard" / "v1"
+    assert (published / "model-q8_0.gguf").read_bytes() == b"second attempt"
+    assert json.loads((published / ".trainbox-published.json").read_text())["job_id"] == job["id"]
+    done = store.job(job["id"])
+    assert done["state"] == "succeeded"
+    assert done["stages"][1]["artifacts"]["modelfile"] == str(published / "Modelfile")
+    entries = registry.all_entries(store)
+    assert [(e["name"], e["version"]) for e in entries] == [("guard", 1)]
+    assert entries[0]["artifacts"]["modelfile"] == str(published / "Modelfile")
+
+
+@pytest.mark.parametrize("marker", [None, {"job_id": "someone-else"}])
+def test_a_v1_folder_that_is_not_this_jobs_is_never_replaced(tmp_path, marker):
+    supervisor, layout, store = _supervisor(tmp_path)
+    theirs = layout.models / "guard" / "v1"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine, do not touch")
+    if marker is not None:
+        (theirs / ".trainbox-published.json").write_text(json.dumps(marker))
+    job = _export_job(store)
+    _collect(supervisor, _exported_and_exited(layout, job["id"], b"new"))
+    assert (theirs / "notes.txt").read_text() == "mine, do not touch"
+    assert (layout.models / "guard" / f"v1-{job['id']}" / "model-q8_0.gguf").read_bytes() == b"new"
+    assert store.job(job["id"])["state"] == "succeeded"

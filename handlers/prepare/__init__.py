@@ -15,6 +15,7 @@ from daemon.errors import StageFailed
 from daemon.formats import Example, read_examples
 from daemon.fsio import write_json_atomically, write_text_atomically
 from handlers.context import StageContext, StageResult
+from handlers.prepare.placeholders import find_placeholders
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -35,11 +36,17 @@ def run(ctx: StageContext) -> StageResult:
     spec = ctx.job.prepare
     rows: list[Example] = []
     formats: Counter[str] = Counter()
+    warnings: list[str] = []
     for ref in ctx.datasets:
         info, examples = read_examples(ref.path, ref.name)
         formats[info.format] += info.rows
         rows += examples
         log.info("read %s: %d %s rows", ref.name, info.rows, info.format)
+        report = find_placeholders(ref.path, ref.name)
+        if report is not None:
+            warnings.append(report.warning())
+            log.warning("%s", warnings[-1])
+            ctx.emit_event("data_warning", warnings[-1], dataset=ref.name)
     unique = list({ex.id: ex for ex in rows}.values())
     duplicates = len(rows) - len(unique)
     if duplicates:
@@ -65,10 +72,10 @@ def run(ctx: StageContext) -> StageResult:
     stats = _stats(splits, formats, duplicates)
     write_json_atomically(ctx.stage_dir / "stats.json", stats)
     summary = {"format": stats["format"], "rows": stats["rows"], "labels": stats["labels"],
-               "duplicates_dropped": duplicates}
+               "duplicates_dropped": duplicates, "data_warnings": warnings}
     return StageResult(summary=summary,
                        artifacts={**{n: f"splits/{n}.jsonl" for n in SPLITS}, "stats": "stats.json"},
-                       message=", ".join(f"{n} {len(splits[n])}" for n in SPLITS))
+                       message="; ".join([", ".join(f"{n} {len(splits[n])}" for n in SPLITS), *warnings]))
 
 
 def _fill_empty_splits(splits: dict[str, list[Example]], fractions: dict[str, float]) -> None:

@@ -1,8 +1,9 @@
 """Turn canonical Examples into token ids with a loss mask, and serve them in a resumable order.
 
-Conversations are rendered with the tokenizer's chat template (``modelio.render_chat``). The loss covers
-only assistant turns (their content and end-of-turn token), the completion of prompt/completion rows and the
-label (with its thinking sections) of classification rows; plain ``text`` rows are learned whole.
+Conversations are rendered with the tokenizer's chat template (``rendering``, tools included). The loss covers
+only assistant turns (their content and end-of-turn token; not those with ``loss_weight: 0``), the completion
+of prompt/completion rows and the label (with its thinking sections) of classification rows; plain ``text``
+rows are learned whole.
 The data order is a function of (seed, epoch) only, so the global step alone says where training is.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from daemon.errors import StageFailed
 from daemon.formats import Example
-from handlers.modelio import example_messages, render_chat
+from handlers.train.rendering import Conversation, conversation, learned
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,21 @@ def _common_token_prefix_end(tokenizer: Any, full: str, offsets: list[tuple[int,
     return offsets[k - 1][1] if k else 0
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Full text and the character spans of every assistant answer (including its end-of-turn marker).
+def _assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """Full text and the character spans of every learned assistant answer (including its end-of-turn marker).
 
     An answer starts where the prompt for it (history + assistant header) ends, and ends where the conversation
     cut after it stops agreeing token by token with the full one (templates may add an end-of-text marker
     only at the very end of a conversation).
     """
-    full = render_chat(tokenizer, messages)
+    full = conv.render(tokenizer)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for i, message in enumerate(conv.messages):
+        if not learned(message):
             continue
-        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render_chat(tokenizer, messages[: i + 1])
+        prompt = conv.render(tokenizer, i, add_generation_prompt=True)
+        upto = conv.render(tokenizer, i + 1)
         end = len(full) if upto == full else _common_token_prefix_end(
             tokenizer, full, enc["offset_mapping"], enc["input_ids"], upto)
         while end > len(prompt) and full[end - 1].isspace():
@@ -83,12 +84,12 @@ def _ids_and_mask(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tu
 
 def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     """Token ids and labels (IGNORE where no loss) for one example, truncated to ``max_len``."""
-    messages = example_messages(example)
-    if messages is None:
+    conv = conversation(tokenizer, example)
+    if conv is None:
         text = (tokenizer.bos_token or "") + (example.text or "") + (tokenizer.eos_token or "")
         ids, mask = _ids_and_mask(tokenizer, text, [(len(tokenizer.bos_token or ""), len(text))])
     else:
-        text, spans = _assistant_spans(tokenizer, messages)
+        text, spans = _assistant_spans(tokenizer, conv)
         ids, mask = _ids_and_mask(tokenizer, text, spans)
     if len(ids) > max_len:
         head_ids, head_mask = ids[:max_len], mask[:max_len]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from daemon.errors import StageFailed, StopRequested
 from handlers.context import StageContext
+from handlers.diskspace import best_effort, out_of_space, skipped, until_written
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
 from handlers.train.data import IGNORE, StepBatches
 from handlers.train.metrics import MetricsLog
@@ -107,25 +108,38 @@ def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: st
     return total / max(count, 1)
 
 
-def save_checkpoint(run: TrainRun, kind: str) -> Checkpoint | None:
-    """Write a checkpoint; a rolling one that fails for lack of disk space is reported and training goes on."""
+def _write_checkpoint(run: TrainRun, kind: str) -> Checkpoint:
+    return write_checkpoint_atomically(
+        run.checkpoint_root, run.state.step, kind,
+        lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state),
+        extra={"epoch": run.state.epoch, "index_in_epoch": run.state.index_in_epoch,
+               "fingerprint": run.state.fingerprint})
+
+
+def save_checkpoint(run: TrainRun, kind: str,
+                    should_stop: Callable[[], bool] = lambda: False) -> Checkpoint | None:
+    """Write a checkpoint. A full disk never fails the run: a rolling, epoch or emergency checkpoint is
+    skipped (resume then starts from the one before), the final one waits for free space."""
     started = time.monotonic()
     try:
-        checkpoint = write_checkpoint_atomically(
-            run.checkpoint_root, run.state.step, kind,
-            lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state),
-            extra={"epoch": run.state.epoch, "index_in_epoch": run.state.index_in_epoch,
-                   "fingerprint": run.state.fingerprint})
+        if kind == "final":
+            checkpoint = until_written(f"the final checkpoint (step {run.state.step})",
+                                       lambda: _write_checkpoint(run, kind), should_stop)
+        else:
+            checkpoint = _write_checkpoint(run, kind)
     except OSError as exc:
         message = (f"checkpoint at step {run.state.step} could not be written ({exc}); free disk space under "
                    f"{run.checkpoint_root} or lower train.checkpoint.keep")
-        if kind != "rolling":
+        if kind != "rolling" and not out_of_space(exc):
             raise StageFailed(message) from exc
-        log.error("%s; training continues, the next checkpoint tries again", message)
+        if out_of_space(exc):
+            skipped[f"{kind} checkpoint"] += 1
+        log.error("%s; %s", message, "the stage stops and resumes from the checkpoint before" if kind == "emergency"
+                  else "training continues, the next checkpoint tries again")
         run.on_event("resource_warning", message, resource="disk")
         return None
-    rotate_checkpoints(run.checkpoint_root, run.keep)
-    run.metrics.write_csv()
+    best_effort("checkpoint rotation", lambda: rotate_checkpoints(run.checkpoint_root, run.keep))
+    best_effort("training metrics CSV", run.metrics.write_csv)
     elapsed = time.monotonic() - started
     run.checkpoint_seconds += elapsed
     run.checkpoints_written.append(checkpoint)
@@ -159,8 +173,9 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
     step_seconds = None
     while run.state.step < run.total_steps:
         if ctx.should_stop():
-            save_checkpoint(run, "emergency")
-            raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; resume continues from here")
+            saved = save_checkpoint(run, "emergency")
+            raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; " + (
+                "resume continues from here" if saved else "resume starts from the newest checkpoint written before"))
         started = time.monotonic()
         epoch, index = run.batches.position(run.state.step)
         out = train_step(run, run.state.step)
@@ -189,7 +204,7 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
         kind = _checkpoint_kind(run, epoch_end)
         if kind:
             run.flags.checkpoint_due.clear()
-            save_checkpoint(run, kind)
+            save_checkpoint(run, kind, ctx.should_stop)
         if run.flags.progress_due.is_set():
             run.flags.progress_due.clear()
             run.write_progress_log(fields)

@@ -14,9 +14,10 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from daemon.fsio import write_json_atomically, write_text_atomically
+from handlers.diskspace import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,57 @@ def utc_stamp(t: float | None = None) -> str:
 
 
 class MetricsLog:
-    """Appends step rows to the JSONL file as they happen (flushed, so ``tail -f`` and tests see them)."""
+    """Appends step rows to the JSONL file as they happen (flushed, so ``tail -f`` and tests see them).
+
+    A line lost to a full disk is not lost for good: the next append rewrites the file from the in-memory
+    history, so the file again holds exactly one row per step.
+    """
 
     def __init__(self, stage_dir: Path, history: list[dict[str, Any]]):
         self.stage_dir = stage_dir
         self.history = list(history)
-        write_text_atomically(stage_dir / JSONL, "".join(json.dumps(r) + "\n" for r in self.history))
-        self._fh = open(stage_dir / JSONL, "a", encoding="utf-8")
+        self._fh: TextIO | None = None
+        self._lost = True  # the file does not hold the history until it is written
+        best_effort("training metrics", self._rewrite)
+
+    def _rewrite(self) -> None:
+        self.close()
+        write_text_atomically(self.stage_dir / JSONL, "".join(json.dumps(r) + "\n" for r in self.history))
+        self._fh = open(self.stage_dir / JSONL, "a", encoding="utf-8")
+        self._lost = False
+
+    def _append_line(self, line: str) -> None:
+        if self._lost or self._fh is None:  # the rewrite includes this row
+            self._rewrite()
+            return
+        try:
+            self._fh.write(line)
+            self._fh.flush()
+        except OSError:
+            self._lost = True
+            self.close()
+            raise
 
     def append(self, row: dict[str, Any]) -> None:
         row = {k: row.get(k) for k in COLUMNS}
         self.history.append(row)
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        best_effort("training metrics", lambda: self._append_line(json.dumps(row) + "\n"))
+
+    def ensure_complete(self) -> None:
+        """Rewrite the JSONL file from the history if a line was lost (raises while the disk is still full)."""
+        if self._lost:
+            self._rewrite()
+        self.close()
 
     def close(self) -> None:
-        self._fh.close()
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        try:
+            fh.close()
+        except OSError as exc:  # close flushes an unwritable buffer again; the descriptor is closed anyway
+            self._lost = True
+            log.warning("%s: %s; it is rewritten from memory once there is space", JSONL, exc.strerror or exc)
 
     def write_csv(self) -> Path:
         buf = io.StringIO()

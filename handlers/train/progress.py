@@ -15,6 +15,7 @@ import psutil
 
 from daemon.fsio import read_json, write_json_atomically
 from daemon.gpus import gpu_readings
+from handlers.diskspace import best_effort
 from handlers.train.metrics import utc_stamp
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,12 @@ def system_snapshot(device: str) -> dict[str, Any]:
             "gpu_temperature_c": mine and mine["temperature_c"]}
 
 
-def write_progress_log(stage_dir: Path, record: dict[str, Any]) -> Path:
-    """One timestamped progress file, and the rolling summary (latest record plus a short history)."""
+def write_progress_log(stage_dir: Path, record: dict[str, Any]) -> Path | None:
+    """One timestamped progress file and the rolling summary; None (skipped) while the disk is full."""
+    return best_effort("progress log", lambda: _write_progress_log(stage_dir, record))
+
+
+def _write_progress_log(stage_dir: Path, record: dict[str, Any]) -> Path:
     now = time.time()
     record = {"time": now, "utc": utc_stamp(now), **record}
     millis = f"{int(now * 1000) % 1000:03d}"  # several logs a second when the interval is short

@@ -19,9 +19,10 @@ import torch
 
 from daemon.errors import StageFailed
 from daemon.fsio import fsync_dir
+from handlers import diskspace
 from handlers.context import StageContext, StageResult
 from handlers.modelio import load_tokenizer, resolve_base_model
-from handlers.train import data, metrics, progress
+from handlers.train import data, metrics, progress, rendering
 from handlers.train.checkpoints import newest_complete_checkpoint
 from handlers.train.loop import Flags, TrainRun, train_loop
 from handlers.train.model import build_model
@@ -92,15 +93,22 @@ def save_outputs(stage_dir: Path, model: Any, tokenizer: Any) -> tuple[Path, Pat
     return out[0], out[1]
 
 
-def load_rows(ctx: StageContext, tokenizer: Any) -> tuple[list[data.Encoded], list[data.Encoded], list[Path]]:
+def load_rows(ctx: StageContext,
+              tokenizer: Any) -> tuple[list[data.Encoded], list[data.Encoded], list[Path], list[str]]:
+    """Encoded train/val rows, the split files, and warnings about how the data was rendered (also sent as events)."""
     spec = ctx.job.train
     train_file, val_file = split_file(ctx, "train"), split_file(ctx, "val")
-    train_rows = data.encode_split(tokenizer, data.read_split(train_file), spec.max_seq_length, "train")
+    train_examples = data.read_split(train_file)
+    warnings = [w for w in (rendering.tool_warning(tokenizer, train_examples, "train split"),) if w]
+    for warning in warnings:
+        log.warning("%s", warning)
+        ctx.emit_event("data_warning", warning)
+    train_rows = data.encode_split(tokenizer, train_examples, spec.max_seq_length, "train")
     val_rows = (data.encode_split(tokenizer, data.read_split(val_file), spec.max_seq_length, "val")
                 if val_file.exists() else [])
     if not train_rows:
         raise StageFailed(f"{train_file}: no training rows; add rows to the dataset or lower prepare.split.val/test")
-    return train_rows, val_rows, [train_file, val_file]
+    return train_rows, val_rows, [train_file, val_file], warnings
 
 
 def resume_or_start(root: Path, model: Any, optimizer: Any, scheduler: Any,
@@ -130,7 +138,7 @@ def run_train(ctx: StageContext) -> StageResult:
     seed_everything(ctx.job.seed)  # before the LoRA init, which draws from the torch RNG
 
     tokenizer = load_tokenizer(base)
-    train_rows, val_rows, files = load_rows(ctx, tokenizer)
+    train_rows, val_rows, files, warnings = load_rows(ctx, tokenizer)
     pad_id = tokenizer.pad_token_id
     batches = data.StepBatches(train_rows, spec.batch_size, spec.gradient_accumulation_steps, ctx.job.seed, pad_id)
     steps = total_steps(spec, len(train_rows))
@@ -158,13 +166,21 @@ def run_train(ctx: StageContext) -> StageResult:
     finally:
         observers.stop()
         run.metrics.close()
-    return finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows))
+    result = diskspace.until_written(
+        "the adapter, metrics and report",
+        lambda: finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows),
+                       warnings),
+        ctx.should_stop)
+    if diskspace.summary():
+        ctx.emit_event("resource_warning", diskspace.summary(), resource="disk")
+    return result
 
 
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
-           resumed_from: int | None, n_train: int, n_val: int) -> StageResult:
+           resumed_from: int | None, n_train: int, n_val: int, warnings: list[str]) -> StageResult:
     stage_dir, state, history = ctx.stage_dir, run.state, run.metrics.history
     adapter_dir, _tokenizer_dir = save_outputs(stage_dir, run.model, tokenizer)
+    run.metrics.ensure_complete()
     run.metrics.write_csv()
     metrics.plot_curves(history, stage_dir / metrics.PLOT)
     losses = [r["loss"] for r in history if r.get("loss") is not None]
@@ -188,7 +204,7 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
         "gradient_checkpointing": plan.gradient_checkpointing, "train_rows": n_train, "val_rows": n_val,
         "checkpoint_seconds": round(run.checkpoint_seconds, 3), "checkpoints_written": len(run.checkpoints_written),
         "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-        "modules_not_learning": run.monitor.summary()["modules_not_learning"]}
+        "modules_not_learning": run.monitor.summary()["modules_not_learning"], "data_warnings": warnings}
     config = {"job": ctx.job.model_dump(mode="json"), "plan": asdict(plan), "base_model_path": base}
     report_path, summary_csv = metrics.write_report(
         stage_dir, history, config, started, time.time(), run.total_steps, files,
@@ -197,7 +213,7 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
     files["report"] = str(report_path.relative_to(stage_dir))
     files["summary_csv"] = str(summary_csv.relative_to(stage_dir))
     loss_text = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
-    return StageResult(summary=summary, artifacts=files,
-                       message=f"trained {run.total_steps} steps ({plan.method}, {plan.device}), final loss {loss_text}",
+    message = f"trained {run.total_steps} steps ({plan.method}, {plan.device}), final loss {loss_text}"
+    return StageResult(summary=summary, artifacts=files, message="; ".join([message, *warnings]),
                        model={"train_loss": summary["final_loss"], "base_model": ctx.job.base_model,
                               "adapter": str(adapter_dir.resolve())})
