@@ -215,7 +215,6 @@ def to_batches(rows: list[Encoded], budget: int, packed: bool, pad_id: int) -> l
     return [collate_packed(g) if packed else collate(g, pad_id) for g in group_by_tokens(rows, budget, packed)]
 
 
-def eval_batches(rows: list[Encoded], batch_size: int, pad_id: int, packed: bool = True,
-                 token_budget: int | None = None) -> list[dict[str, torch.Tensor]]:
-    budget = token_budget or batch_size * max((len(r.input_ids) for r in rows), default=1)
-    return to_batches(rows, budget, packed, pad_id)
+def eval_batches(rows: list[Encoded], like: StepBatches) -> list[dict[str, torch.Tensor]]:
+    """Validation batches grouped the way ``like`` groups training rows (packing, token budget)."""
+    return to_batches(rows, like.token_budget, like.packed, like.pad_id)

@@ -40,12 +40,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(top).exp_()  # in place: one pass over the chunk's logits, no copies
+            sums = exps.sum(dim=-1)
+            total += (top.squeeze(1) + sums.log() - picked).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax in place: the logits are not needed again
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start:start + chunk] = probs.to(h.dtype) @ weight
+                # d loss / d h = softmax @ W - W[target]; dividing by the sums after the matmul is cheaper
+                grad[start:start + chunk] = ((exps.to(h.dtype) @ weight) / sums[:, None].to(h.dtype)
+                                             - weight[t]).to(h.dtype)
         ctx.save_for_backward(grad)
         return total
 

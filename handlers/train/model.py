@@ -28,6 +28,23 @@ def auto_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def apply_liger_kernels(model: Any) -> bool:
+    """Liger's Triton RMSNorm, RoPE and SwiGLU in place of the model's own, where Liger knows the architecture.
+
+    The loss does not go through the patched forward (``loss.head_cross_entropy`` calls Liger's fused linear
+    cross-entropy itself), so only the decoder kernels are swapped here.
+    """
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.info("liger-kernel is not installed (pip install 'trainbox[gpu]'); using the model's own kernels")
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    log.info("Liger kernels (RMSNorm, RoPE, SwiGLU) applied to this %s model", model.config.model_type)
+    return True
+
+
 def build_model(model_ref: str, plan: TrainPlan, lora: LoraSpec) -> Any:
     """Base model (frozen, maybe quantized) plus trainable LoRA adapters, on ``plan.device``."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -36,6 +53,8 @@ def build_model(model_ref: str, plan: TrainPlan, lora: LoraSpec) -> Any:
     quantization = {"bits": plan.bits} if plan.method == "qlora" else None
     model = load_causal_lm(model_ref, device=plan.device, dtype=dtype, quantization=quantization)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    if plan.device.startswith("cuda"):
+        apply_liger_kernels(model)
     checkpointing_kwargs = {"use_reentrant": False}
     if quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing,
@@ -59,7 +78,7 @@ def build_model(model_ref: str, plan: TrainPlan, lora: LoraSpec) -> Any:
 
 @torch.no_grad()
 def packing_is_exact(model: Any, rows: list[Encoded], device: str) -> bool:
-    """Whether this model, run on rows packed back to back, gives each row the logits it gets alone.
+    """Whether this model, run on rows packed back to back, gives each row the hidden states it gets alone.
 
     Packing relies on the attention implementation reading sequence boundaries from ``position_ids``
     (transformers' SDPA, eager, flex and FlashAttention paths do); a model that ignores them would let rows

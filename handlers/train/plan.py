@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 GIB = 1024 ** 3
 USABLE_GPU_FRACTION = 0.85  # leave room for the CUDA context, fragmentation and the allocator's cache
 MULTITHREAD_MIN_HIDDEN = 1024  # below this, intra-op threads cost more than they save (and collapse under load)
+CPU_TOKENS_PER_PASS = 1024
 CUDA_CONTEXT = GIB  # CUDA context and kernels: on the card, though max_memory_allocated never counts it
 
 
@@ -111,6 +112,8 @@ def decide_memory(spec: TrainSpec, shape: ModelShape, bytes_per: int, budget: fl
     """
     full = spec.batch_size * spec.max_seq_length
     if budget is None:
+        # CPU attention with a packed mask costs tokens^2: a few rows per pass beat one long pass
+        full = min(full, max(spec.max_seq_length, CPU_TOKENS_PER_PASS))
         method = "lora" if spec.method == "auto" else spec.method
         checkpointing = bool(spec.gradient_checkpointing) if spec.gradient_checkpointing != "auto" else False
         reason = "CPU: no GPU memory limit; LoRA in float32" if spec.method == "auto" else f"{method} as set"

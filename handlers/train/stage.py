@@ -149,7 +149,7 @@ def run_train(ctx: StageContext) -> StageResult:
                                           TrainState(fingerprint=fingerprint(ctx, files)))
     run = TrainRun(
         model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
-        val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], spec.batch_size, pad_id, batches.packed), state=state,
+        val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], batches), state=state,
         metrics=metrics.MetricsLog(stage_dir, state.history), monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
