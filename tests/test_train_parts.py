@@ -18,7 +18,7 @@ from handlers.train.checkpoints import (list_complete_checkpoints, newest_comple
 from handlers.train.data import IGNORE, StepBatches, encode_example
 from handlers.train.model import build_model
 from handlers.train.monitor import UpdateMonitor
-from handlers.train.plan import GIB, TrainPlan, decide_memory, model_shape
+from handlers.train.plan import GIB, TrainPlan, decide_memory, make_plan, model_shape
 from handlers.train.requirements import check_train_requirements
 from train_fixtures import make_train_stage, run_stage
 
@@ -182,10 +182,15 @@ def test_auto_method_picks_qlora_only_where_bf16_lora_cannot_fit():
     assert est["weight_gib"] + est["lora_state_gib"] + est["activation_gib"] + 1 <= 12 * 0.85
 
 
-def test_a_memory_profile_is_a_size_in_gb():
+def test_a_memory_profile_is_a_size_in_gb_and_auto_explains_itself(tiny, caplog):
     assert TrainSpec(profile="12GB").profile_bytes() == 12 * GIB
     with pytest.raises(ValueError, match="such as 12gb"):
         TrainSpec(profile="twelve")
+    caplog.set_level("INFO", logger="handlers.train.plan")
+    plan = make_plan(TrainSpec(method="auto", profile="12gb", batch_size=2, max_seq_length=64), "cpu", str(tiny))
+    assert (plan.method, plan.token_budget) == ("lora", 128)
+    assert "plan chosen because: CPU: no GPU memory limit, so plain LoRA" in caplog.text
+    assert "train.profile 12gb sizes GPU memory; this run is on the CPU" in caplog.text
 
 
 def test_resource_warnings_are_rate_limited_and_cpu_must_be_sustained():

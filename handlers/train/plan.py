@@ -116,7 +116,7 @@ def decide_memory(spec: TrainSpec, shape: ModelShape, bytes_per: int, budget: fl
         full = min(full, max(spec.max_seq_length, CPU_TOKENS_PER_PASS))
         method = "lora" if spec.method == "auto" else spec.method
         checkpointing = bool(spec.gradient_checkpointing) if spec.gradient_checkpointing != "auto" else False
-        reason = "CPU: no GPU memory limit; LoRA in float32" if spec.method == "auto" else f"{method} as set"
+        reason = "CPU: no GPU memory limit, so plain LoRA" if spec.method == "auto" else f"{method} as set"
         return MemoryPlan(method, spec.bits if method == "qlora" else None, checkpointing, full, reason,
                           _estimates(spec, shape, bytes_per, None, checkpointing, full, None))
     methods = ["lora", "qlora"] if spec.method == "auto" else [spec.method]
@@ -205,6 +205,8 @@ def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
              memory.token_budget, threads, memory.estimates)
     if spec.method == "auto" or spec.gradient_checkpointing == "auto" or spec.profile:
         log.info("plan chosen because: %s", memory.reason)
+    if spec.profile and not cuda:
+        log.info("train.profile %s sizes GPU memory; this run is on the CPU, where it changes nothing", spec.profile)
     return TrainPlan(device, dtype, memory.method, memory.bits, memory.gradient_checkpointing, memory.estimates,
                      threads, memory.token_budget, memory.reason)
 
