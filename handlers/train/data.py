@@ -163,7 +163,7 @@ def group_by_tokens(rows: list[Encoded], budget: int, packed: bool) -> list[list
     used = widest = 0
     for r in rows:
         n = len(r.input_ids)
-        cost = used + n if packed else (len(groups[-1]) + 1) * max(widest, n) if groups else n
+        cost = used + n if packed else (len(groups[-1]) + 1 if groups else 1) * max(widest, n)
         if groups and cost <= budget:
             groups[-1].append(r)
             used, widest = used + n, max(widest, n)
