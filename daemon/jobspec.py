@@ -107,6 +107,9 @@ class TrainSpec(Strict):
     loss_weights: LossWeights = Field(LossWeights(), description="Weights of loss terms by row kind.")
     tensorboard: bool = Field(
         False, description="Also write TensorBoard event files to tensorboard/ (pip install 'trainbox[tensorboard]').")
+    profile: str | None = Field(
+        None, description="GPU memory to plan for, e.g. `12gb` for a 12 GB card (default: the whole GPU); picks "
+                          "QLoRA, gradient checkpointing and tokens per forward pass to fit.")
 
     @field_validator("device")
     @classmethod
@@ -114,6 +117,17 @@ class TrainSpec(Strict):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+(\.\d+)?gb", v.strip().lower()):
+            raise ValueError("must be a GPU memory size such as 12gb, 16gb or 24gb")
+        return v.strip().lower() if v is not None else None
+
+    def profile_bytes(self) -> int | None:
+        """``profile`` in bytes (a card sold as 12 GB has 12 GiB)."""
+        return int(float(self.profile[:-2]) * 1024 ** 3) if self.profile else None
 
 
 class WinnerRule(Strict):

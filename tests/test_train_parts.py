@@ -18,7 +18,7 @@ from handlers.train.checkpoints import (list_complete_checkpoints, newest_comple
 from handlers.train.data import IGNORE, StepBatches, encode_example
 from handlers.train.model import build_model
 from handlers.train.monitor import UpdateMonitor
-from handlers.train.plan import GIB, TrainPlan, decide_memory, model_shape
+from handlers.train.plan import GIB, TrainPlan, decide_memory, make_plan, model_shape
 from handlers.train.requirements import check_train_requirements
 from train_fixtures import make_train_stage, run_stage
 
@@ -84,13 +84,13 @@ def test_long_prompts_are_cut_from_the_start_so_the_label_survives(tokenizer):
 def test_data_order_depends_only_on_seed_epoch_and_step(tokenizer):
     rows = [encode_example(tokenizer, Example(str(i), "text", text=f"row {i}"), 64) for i in range(10)]
     a, b = StepBatches(rows, 3, 2, seed=1, pad_id=0), StepBatches(rows, 3, 2, seed=1, pad_id=0)
-    assert a.steps_per_epoch == 2  # 4 micro-batches of <=3 rows, 2 per step
+    assert a.steps_per_epoch == 2  # 3 x 2 = 6 rows per step
     late = [mb["input_ids"].tolist() for mb in b.micro_batches(5)]  # a fresh object jumps straight to step 5
     for step in range(6):
         got = [mb["input_ids"].tolist() for mb in a.micro_batches(step)]
     assert got == late
-    first_epoch = sum((mb["input_ids"].shape[0] for s in (0, 1) for mb in a.micro_batches(s)), 0)
-    assert first_epoch == 10
+    first_epoch = [r.input_ids for s in (0, 1) for r in a.step_rows(s)]
+    assert sorted(first_epoch) == sorted(r.input_ids for r in rows)
     assert a.micro_batches(0)[0]["input_ids"].tolist() != a.micro_batches(2)[0]["input_ids"].tolist()
 
 
@@ -163,11 +163,34 @@ def test_qlora_without_cuda_is_rejected_before_anything_runs(tmp_path):
 def test_auto_method_picks_qlora_only_where_bf16_lora_cannot_fit():
     shape = model_shape(PHI35)
     assert 3.7e9 < shape.params < 3.9e9
-    spec = TrainSpec(method="auto", batch_size=4, max_seq_length=2048)
-    assert decide_memory(spec, shape, 2, 80 * GIB * 0.85)[:3] == ("lora", None, False)  # H100: fits as is
-    assert decide_memory(spec, shape, 2, 24 * GIB * 0.85)[:3] == ("lora", None, True)  # 24 GB: checkpointing
-    assert decide_memory(spec, shape, 2, 12 * GIB * 0.85)[:3] == ("qlora", 4, True)  # 12 GB: QLoRA
-    assert decide_memory(spec, shape, 4, None)[:3] == ("lora", None, False)  # CPU
+    spec = TrainSpec(method="auto", batch_size=4, max_seq_length=2048, lora=LoraSpec(r=64, alpha=128))
+
+    def choice(bytes_per, budget):
+        m = decide_memory(spec, shape, bytes_per, budget)
+        return m.method, m.bits, m.gradient_checkpointing, m.token_budget
+
+    assert choice(2, 80 * GIB * 0.85) == ("lora", None, False, 8192)  # H100: fits as is
+    assert choice(2, 24 * GIB * 0.85) == ("lora", None, False, 2048)  # 24 GB: one row per pass, no recompute
+    assert choice(2, 16 * GIB * 0.85) == ("lora", None, True, 8192)  # 16 GB: checkpointing
+    assert choice(2, 12 * GIB * 0.85) == ("qlora", 4, True, 8192)  # 12 GB: QLoRA, all four rows per pass
+    assert choice(2, 8 * GIB * 0.85)[:3] == ("qlora", 4, True)  # 8 GB: QLoRA with fewer tokens per pass
+    assert choice(2, 8 * GIB * 0.85)[3] < 8192
+    assert choice(4, None) == ("lora", None, False, 2048)  # CPU: one row per pass (attention costs tokens^2)
+    twelve = decide_memory(spec, shape, 2, 12 * GIB * 0.85)
+    assert "qlora 4-bit, gradient checkpointing on" in twelve.reason and "10.2 GiB" in twelve.reason
+    est = twelve.estimates
+    assert est["weight_gib"] + est["lora_state_gib"] + est["activation_gib"] + 1 <= 12 * 0.85
+
+
+def test_a_memory_profile_is_a_size_in_gb_and_auto_explains_itself(tiny, caplog):
+    assert TrainSpec(profile="12GB").profile_bytes() == 12 * GIB
+    with pytest.raises(ValueError, match="such as 12gb"):
+        TrainSpec(profile="twelve")
+    caplog.set_level("INFO", logger="handlers.train.plan")
+    plan = make_plan(TrainSpec(method="auto", profile="12gb", batch_size=2, max_seq_length=64), "cpu", str(tiny))
+    assert (plan.method, plan.token_budget) == ("lora", 128)
+    assert "plan chosen because: CPU: no GPU memory limit, so plain LoRA" in caplog.text
+    assert "train.profile 12gb sizes GPU memory; this run is on the CPU" in caplog.text
 
 
 def test_resource_warnings_are_rate_limited_and_cpu_must_be_sustained():

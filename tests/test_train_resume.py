@@ -75,6 +75,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(reference, splits, tmp_pa
     assert killed_at < TOTAL, "the child finished before it could be killed"
 
     assert run_stage(stage) == 0, (tmp_path / "job" / "child.log").read_text()
+    assert "micro-batches packed without padding" in (tmp_path / "job" / "child.log").read_text()  # the default
     result = json.loads((stage / "result.json").read_text())
     resumed = result["summary"]["resumed_from_step"]
     assert resumed is not None and 0 < resumed <= killed_at and resumed % 4 == 0, (seen, killed_at, resumed)

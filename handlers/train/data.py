@@ -129,14 +129,68 @@ def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-class StepBatches:
-    """The micro-batches of every optimizer step, derived from (seed, epoch, step) alone."""
+def collate_packed(rows: list[Encoded]) -> dict[str, torch.Tensor]:
+    """All rows back to back in one sequence, without padding: input_ids, position_ids, labels.
 
-    def __init__(self, rows: list[Encoded], batch_size: int, accumulation: int, seed: int, pad_id: int):
+    Position ids restart at 0 with every row; transformers reads the restarts as sequence boundaries
+    (block-diagonal mask for SDPA/eager, ``cu_seqlens`` for FlashAttention), so no row attends to another.
+    The first label of each row is IGNORE because the token before it belongs to the previous row; the
+    padded path never learns a row's first token either (the loss starts at position 1).
+    """
+    ids, labels, positions = [], [], []
+    for r in rows:
+        ids += r.input_ids
+        labels += [IGNORE, *r.labels[1:]]
+        positions += range(len(r.input_ids))
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels])}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def group_by_tokens(rows: list[Encoded], budget: int, packed: bool) -> list[list[Encoded]]:
+    """Consecutive groups of ``rows`` that each fit ``budget`` tokens (a longer row goes alone).
+
+    Packed, a group costs the sum of its row lengths; padded, rows are first sorted by length (stable, so
+    the grouping stays a function of the rows alone) and a group costs rows x its longest row.
+    """
+    if not packed:
+        rows = sorted(rows, key=lambda r: len(r.input_ids))
+    groups: list[list[Encoded]] = []
+    used = widest = 0
+    for r in rows:
+        n = len(r.input_ids)
+        cost = used + n if packed else (len(groups[-1]) + 1 if groups else 1) * max(widest, n)
+        if groups and cost <= budget:
+            groups[-1].append(r)
+            used, widest = used + n, max(widest, n)
+        else:
+            groups.append([r])
+            used, widest = n, n
+    return groups
+
+
+class StepBatches:
+    """The micro-batches of every optimizer step, derived from (seed, epoch, step) alone.
+
+    A step takes the next ``batch_size * accumulation`` rows of the epoch's permutation and splits them into
+    micro-batches of at most ``token_budget`` tokens (default ``batch_size * max row length``, the padded
+    worst case), packed without padding or, where the model cannot pack, padded in length-sorted groups.
+    Which rows a step sees never depends on packing or the budget, only how they are grouped for the forward.
+    """
+
+    def __init__(self, rows: list[Encoded], batch_size: int, accumulation: int, seed: int, pad_id: int,
+                 token_budget: int | None = None, packed: bool = True):
         self.rows, self.batch_size, self.accumulation = rows, batch_size, accumulation
         self.seed, self.pad_id = seed, pad_id
-        self.micro_per_epoch = -(-len(rows) // batch_size)
-        self.steps_per_epoch = max(1, -(-self.micro_per_epoch // accumulation))
+        self.token_budget = token_budget or batch_size * max((len(r.input_ids) for r in rows), default=1)
+        self.packed = packed
+        self.rows_per_step = batch_size * accumulation
+        self.steps_per_epoch = max(1, -(-len(rows) // self.rows_per_step))
         self._perm_epoch, self._perm = -1, []
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -149,14 +203,19 @@ class StepBatches:
         """(epoch, index of the step within the epoch) of 0-based optimizer step ``step``."""
         return divmod(step, self.steps_per_epoch)
 
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def step_rows(self, step: int) -> list[Encoded]:
         epoch, index = self.position(step)
         perm = self._permutation(epoch)
-        first = index * self.accumulation
-        last = min(first + self.accumulation, self.micro_per_epoch)
-        return [collate([self.rows[j] for j in perm[m * self.batch_size:(m + 1) * self.batch_size]], self.pad_id)
-                for m in range(first, last)]
+        return [self.rows[j] for j in perm[index * self.rows_per_step:(index + 1) * self.rows_per_step]]
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        return to_batches(self.step_rows(step), self.token_budget, self.packed, self.pad_id)
 
 
-def eval_batches(rows: list[Encoded], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
+def to_batches(rows: list[Encoded], budget: int, packed: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate_packed(g) if packed else collate(g, pad_id) for g in group_by_tokens(rows, budget, packed)]
+
+
+def eval_batches(rows: list[Encoded], like: StepBatches) -> list[dict[str, torch.Tensor]]:
+    """Validation batches grouped the way ``like`` groups training rows (packing, token budget)."""
+    return to_batches(rows, like.token_budget, like.packed, like.pad_id)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from daemon.errors import StageFailed, StopRequested
 from handlers.context import StageContext
 from handlers.diskspace import best_effort, out_of_space, skipped, until_written
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
-from handlers.train.data import IGNORE, StepBatches
+from handlers.train.data import IGNORE, StepBatches, real_tokens
+from handlers.train.loss import decoder_of, head_cross_entropy
 from handlers.train.metrics import MetricsLog
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.trainstate import TrainState, save_training_state
@@ -63,12 +63,17 @@ class TrainRun:
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the label tokens of a batch, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed next-token cross-entropy over the label tokens of a batch, and how many there were.
+
+    The decoder runs once; the output head and the loss then run only on the label positions, chunk by chunk
+    (``loss.head_cross_entropy``), so neither the prompt's logits nor a float32 copy of all logits exist.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = decoder_of(model)(**inputs).last_hidden_state
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    keep = targets != IGNORE
+    loss = head_cross_entropy(model, hidden[:, :-1][keep], targets[keep])
+    return loss, int(keep.sum())
 
 
 def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -92,8 +97,7 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {"loss": total / n_label, "learning_rate": lr, "grad_norm": grad_norm,
-            "tokens": sum(int(mb["attention_mask"].sum()) for mb in micro),
-            "samples": sum(int(mb["input_ids"].shape[0]) for mb in micro)}
+            "tokens": sum(real_tokens(mb) for mb in micro), "samples": len(run.batches.step_rows(step))}
 
 
 @torch.no_grad()
@@ -170,6 +174,8 @@ def progress_fields(run: TrainRun, row: dict[str, Any], step_seconds: float) -> 
 def train_loop(ctx: StageContext, run: TrainRun) -> None:
     """Run steps until ``total_steps``; on a stop request save an emergency checkpoint and raise StopRequested."""
     run.model.train()
+    log.info("micro-batches %s, at most %d tokens per forward pass", "packed without padding" if run.batches.packed
+             else "padded in length-sorted groups", run.batches.token_budget)
     step_seconds = None
     while run.state.step < run.total_steps:
         if ctx.should_stop():

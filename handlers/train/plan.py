@@ -1,4 +1,4 @@
-"""Decide how to train on this machine: device, precision, LoRA or QLoRA, gradient checkpointing.
+"""Decide how to train on this machine: device, precision, LoRA or QLoRA, gradient checkpointing, tokens per pass.
 
 Memory estimates are deliberately rough (weights + LoRA optimizer state + activations); they only choose
 between modes, and the README says how to force a mode when the guess is wrong.
@@ -14,6 +14,7 @@ from typing import Any
 
 from daemon.errors import StageFailed
 from daemon.jobspec import TrainSpec
+from handlers.train.loss import CHUNK_TOKENS
 from handlers.train.requirements import check_train_requirements
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 GIB = 1024 ** 3
 USABLE_GPU_FRACTION = 0.85  # leave room for the CUDA context, fragmentation and the allocator's cache
 MULTITHREAD_MIN_HIDDEN = 1024  # below this, intra-op threads cost more than they save (and collapse under load)
+CPU_TOKENS_PER_PASS = 1024
+CUDA_CONTEXT = GIB  # CUDA context and kernels: on the card, though max_memory_allocated never counts it
 
 
 @dataclass
@@ -32,6 +35,8 @@ class TrainPlan:
     gradient_checkpointing: bool
     estimates: dict[str, Any]
     cpu_threads: int = 1
+    token_budget: int | None = None  # tokens per forward pass; None = batch_size x longest row
+    reason: str = ""
 
 
 @dataclass
@@ -67,34 +72,95 @@ def read_config(model_ref: str) -> dict[str, Any]:
     return AutoConfig.from_pretrained(model_ref).to_dict()
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, bytes_per: int) -> tuple[int, int]:
-    """Activations kept for backward (without, with gradient checkpointing), fp32 logits and their grad included."""
-    tokens = batch * seq
+def lora_params(shape: ModelShape, r: int) -> int:
+    """Adapter parameters with LoRA on every linear layer (attention ~ 4 square maps, MLP 3 maps)."""
+    return shape.layers * r * (8 * shape.hidden + 3 * (shape.hidden + shape.intermediate))
+
+
+def activation_bytes(shape: ModelShape, tokens: int, bytes_per: int) -> tuple[int, int]:
+    """Activations kept for backward over ``tokens`` tokens of one forward pass (without, with gradient
+    checkpointing). The loss runs chunk by chunk (``loss.CHUNK_TOKENS``): one chunk of float32 logits and
+    its softmax, not the whole sequence's."""
     per_layer = tokens * (12 * shape.hidden + 4 * shape.intermediate) * bytes_per
-    logits = tokens * shape.vocab * 4 * 3
+    logits = min(tokens, CHUNK_TOKENS) * shape.vocab * 4 * 2
     checkpointed = shape.layers * tokens * shape.hidden * bytes_per + per_layer + logits
     return shape.layers * per_layer + logits, checkpointed
 
 
-def decide_memory(spec: TrainSpec, shape: ModelShape, bytes_per: int,
-                  budget: float | None) -> tuple[str, int | None, bool, dict[str, Any]]:
-    """(method, bits, gradient checkpointing, estimates) for a GPU memory budget (None on CPU)."""
-    weights = shape.params * bytes_per
-    acts, acts_checkpointed = activation_bytes(shape, spec.batch_size, spec.max_seq_length, bytes_per)
-    method = spec.method
-    if method == "auto":
-        # QLoRA costs speed: take it only when half-precision LoRA cannot fit even with checkpointing
-        method = "qlora" if budget is not None and weights + acts_checkpointed > budget else "lora"
+@dataclass
+class MemoryPlan:
+    method: str
+    bits: int | None
+    gradient_checkpointing: bool
+    token_budget: int
+    reason: str
+    estimates: dict[str, Any]
+
+
+def _fixed_bytes(spec: TrainSpec, shape: ModelShape, bytes_per: int, bits: int | None) -> int:
+    """Weights plus the LoRA parameters, gradients and AdamW moments (float32), plus the CUDA context."""
+    weights = shape.params * bits // 8 if bits else shape.params * bytes_per
+    return weights + lora_params(shape, spec.lora.r) * 16 + CUDA_CONTEXT
+
+
+def decide_memory(spec: TrainSpec, shape: ModelShape, bytes_per: int, budget: float | None) -> MemoryPlan:
+    """Method, checkpointing and tokens per forward pass for a GPU memory budget (None on CPU).
+
+    Preference: LoRA in half precision before QLoRA (quantized matmuls are slower), no checkpointing before
+    checkpointing (it recomputes the forward), and among those the largest token budget up to
+    ``batch_size x max_seq_length`` that fits; one full row per forward pass is the least.
+    """
+    full = spec.batch_size * spec.max_seq_length
+    if budget is None:
+        # CPU attention with a packed mask costs tokens^2: a few rows per pass beat one long pass
+        full = min(full, max(spec.max_seq_length, CPU_TOKENS_PER_PASS))
+        method = "lora" if spec.method == "auto" else spec.method
+        checkpointing = bool(spec.gradient_checkpointing) if spec.gradient_checkpointing != "auto" else False
+        reason = "CPU: no GPU memory limit, so plain LoRA" if spec.method == "auto" else f"{method} as set"
+        return MemoryPlan(method, spec.bits if method == "qlora" else None, checkpointing, full, reason,
+                          _estimates(spec, shape, bytes_per, None, checkpointing, full, None))
+    methods = ["lora", "qlora"] if spec.method == "auto" else [spec.method]
+    checkpointings = [False, True] if spec.gradient_checkpointing == "auto" else [bool(spec.gradient_checkpointing)]
+    for method in methods:
+        bits = spec.bits if method == "qlora" else None
+        for checkpointing in checkpointings:
+            tokens = _largest_fitting_tokens(shape, bytes_per, budget - _fixed_bytes(spec, shape, bytes_per, bits),
+                                             checkpointing, spec.max_seq_length, full)
+            if tokens:
+                reason = (f"{method}{f' {bits}-bit' if bits else ''}, gradient checkpointing "
+                          f"{'on' if checkpointing else 'off'}, {tokens} tokens per forward pass: the first "
+                          f"choice (faster to slower) whose estimate fits {budget / GIB:.1f} GiB")
+                return MemoryPlan(method, bits, checkpointing, tokens, reason,
+                                  _estimates(spec, shape, bytes_per, bits, checkpointing, tokens, budget))
+    method, checkpointing = methods[-1], checkpointings[-1]
     bits = spec.bits if method == "qlora" else None
-    weight_bytes = shape.params * bits // 8 if bits else weights
-    if spec.gradient_checkpointing == "auto":
-        checkpointing = budget is not None and weight_bytes + acts > budget
-    else:
-        checkpointing = bool(spec.gradient_checkpointing)
-    estimates = {"params": shape.params, "weight_gib": round(weight_bytes / GIB, 2),
-                 "activation_gib": round((acts_checkpointed if checkpointing else acts) / GIB, 2),
-                 "gpu_budget_gib": round(budget / GIB, 2) if budget else None}
-    return method, bits, checkpointing, estimates
+    reason = (f"nothing fits the estimate of {budget / GIB:.1f} GiB; trying {method} with gradient checkpointing "
+              f"{'on' if checkpointing else 'off'} and one row per forward pass (lower train.max_seq_length or "
+              "lora.r if it runs out of memory)")
+    return MemoryPlan(method, bits, checkpointing, spec.max_seq_length, reason,
+                      _estimates(spec, shape, bytes_per, bits, checkpointing, spec.max_seq_length, budget))
+
+
+def _largest_fitting_tokens(shape: ModelShape, bytes_per: int, room: float, checkpointing: bool, least: int,
+                            most: int) -> int | None:
+    def fits(tokens: int) -> bool:
+        return activation_bytes(shape, tokens, bytes_per)[checkpointing] <= room
+
+    if not fits(least):
+        return None
+    tokens = least
+    while tokens < most and fits(min(most, tokens * 2)):
+        tokens = min(most, tokens * 2)
+    return tokens
+
+
+def _estimates(spec: TrainSpec, shape: ModelShape, bytes_per: int, bits: int | None, checkpointing: bool,
+               tokens: int, budget: float | None) -> dict[str, Any]:
+    return {"params": shape.params, "weight_gib": round((shape.params * bits // 8 if bits else shape.params *
+                                                         bytes_per) / GIB, 2),
+            "lora_state_gib": round(lora_params(shape, spec.lora.r) * 16 / GIB, 2),
+            "activation_gib": round(activation_bytes(shape, tokens, bytes_per)[checkpointing] / GIB, 2),
+            "tokens_per_forward": tokens, "gpu_budget_gib": round(budget / GIB, 2) if budget else None}
 
 
 def _cuda_total_bytes(device: str) -> int:
@@ -128,12 +194,21 @@ def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
     else:
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[spec.precision]
     shape = model_shape(read_config(model_ref))
-    budget = _cuda_total_bytes(device) * USABLE_GPU_FRACTION if cuda else None
-    method, bits, checkpointing, estimates = decide_memory(spec, shape, 4 if dtype == "float32" else 2, budget)
+    budget = None
+    if cuda:
+        card = _cuda_total_bytes(device)
+        budget = min(card, spec.profile_bytes() or card) * USABLE_GPU_FRACTION
+    memory = decide_memory(spec, shape, 4 if dtype == "float32" else 2, budget)
     threads = available_cores() if shape.hidden >= MULTITHREAD_MIN_HIDDEN else 1
-    log.info("plan: %s on %s, %s, gradient checkpointing %s, %d CPU thread(s) (estimates %s)", method, device,
-             dtype, "on" if checkpointing else "off", threads, estimates)
-    return TrainPlan(device, dtype, method, bits, checkpointing, estimates, threads)
+    log.info("plan: %s on %s, %s, gradient checkpointing %s, %d tokens per forward pass, %d CPU thread(s) "
+             "(estimates %s)", memory.method, device, dtype, "on" if memory.gradient_checkpointing else "off",
+             memory.token_budget, threads, memory.estimates)
+    if spec.method == "auto" or spec.gradient_checkpointing == "auto" or spec.profile:
+        log.info("plan chosen because: %s", memory.reason)
+    if spec.profile and not cuda:
+        log.info("train.profile %s sizes GPU memory; this run is on the CPU, where it changes nothing", spec.profile)
+    return TrainPlan(device, dtype, memory.method, memory.bits, memory.gradient_checkpointing, memory.estimates,
+                     threads, memory.token_budget, memory.reason)
 
 
 def available_cores() -> int:

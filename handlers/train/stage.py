@@ -25,7 +25,7 @@ from handlers.modelio import load_tokenizer, resolve_base_model
 from handlers.train import data, metrics, progress, rendering
 from handlers.train.checkpoints import newest_complete_checkpoint
 from handlers.train.loop import Flags, TrainRun, train_loop
-from handlers.train.model import build_model
+from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.requirements import check_train_requirements
@@ -48,6 +48,7 @@ def configure_torch(device: str, threads: int) -> None:
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor cost more than the math
 
 
 def seed_everything(seed: int) -> None:
@@ -140,12 +141,14 @@ def run_train(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(base)
     train_rows, val_rows, files, warnings = load_rows(ctx, tokenizer)
     pad_id = tokenizer.pad_token_id
-    batches = data.StepBatches(train_rows, spec.batch_size, spec.gradient_accumulation_steps, ctx.job.seed, pad_id)
+    batches = data.StepBatches(train_rows, spec.batch_size, spec.gradient_accumulation_steps, ctx.job.seed, pad_id,
+                               plan.token_budget)
     steps = total_steps(spec, len(train_rows))
 
     from transformers import get_scheduler
 
     model = build_model(base, plan, spec.lora)
+    batches.packed = packing_is_exact(model, train_rows, plan.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
                                   weight_decay=spec.weight_decay)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
@@ -154,7 +157,7 @@ def run_train(ctx: StageContext) -> StageResult:
                                           TrainState(fingerprint=fingerprint(ctx, files)))
     run = TrainRun(
         model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
-        val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], spec.batch_size, pad_id), state=state,
+        val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], batches), state=state,
         metrics=metrics.MetricsLog(stage_dir, state.history), monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
