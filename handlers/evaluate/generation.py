@@ -153,5 +153,5 @@ def evaluate_generation(ctx: Any, models: Any, test: Sequence[Example]) -> dict[
                                              lambda c: abtest.decide_loss_winner(c, rule.alpha))
     log.info("winner: %s (%s)", winner, reason)
     return {"task": "generation", "models": per_model, "samples": samples, "comparisons": comparisons,
-            "answered": n_scored, "ids": [ex.id for ex in answered[:n_scored]], "references": references[:n_scored], "winner": winner, "winner_reason": reason, "reference": reference,
-            "skipped": models.skipped}
+            "answered": n_scored, "ids": [ex.id for ex in answered[:n_scored]], "references": references[:n_scored],
+            "winner": winner, "winner_reason": reason, "reference": reference, "skipped": models.skipped}
