@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import psutil
 
+from daemon.errors import StopRequested
 from handlers.evaluate.models import BASE, PREVIOUS, TUNED, EvalModels
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ def time_models(models: EvalModels, variants: Sequence[str], work: Workload, rou
     from chunk to chunk, so a burst of other work lands on both models; then the batched passes, also in
     alternating order."""
     import torch
-
-    from daemon.errors import StopRequested
 
     clock = _clock(models.device)
     n = len(work.indices)
