@@ -138,7 +138,7 @@ class EvaluateSpec(Strict):
     latency_examples: int = Field(50, ge=1, description="Test examples timed one at a time for latency p50/p95.")
     latency_rounds: int = Field(2, ge=2, description="Timing rounds per model, in alternating model order.")
     calibration_min_val_rows: int = Field(
-        100, ge=1, description="Validation rows needed before a temperature is fitted and stored (else T = 1).")
+        100, ge=10, description="Validation rows needed before a temperature is fitted and stored (else T = 1).")
     generate_examples: int = Field(
         50, ge=0, description="Generation data: test prompts answered by each model for exact match, token F1, "
                               "ROUGE-L and chrF; 0 for none.")

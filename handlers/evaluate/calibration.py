@@ -83,11 +83,15 @@ def choose_temperature(val_logits: np.ndarray | None, val_idx: np.ndarray | None
     if n < min_rows:
         return {**out, "reason": f"the validation split has {n} rows, fewer than the {min_rows} needed to trust "
                                  "a fitted temperature (evaluate.calibration_min_val_rows)"}
-    out["cv_nll"], out["cv_nll_after"] = cross_validated_nll(val_logits, val_idx, min(folds, n), seed)
+    folds = min(folds, n)
+    out["cv_nll"], out["cv_nll_after"] = cross_validated_nll(val_logits, val_idx, folds, seed)
     candidate_nll = nll_at(val_logits, val_idx, candidate)
-    if out["cv_nll_after"] >= out["cv_nll"] or candidate_nll >= out["val_nll"]:
+    if out["cv_nll_after"] >= out["cv_nll"]:
         return {**out, "reason": f"scaling did not lower the {folds}-fold cross-validated validation NLL "
                                  f"({out['cv_nll']:.4f} -> {out['cv_nll_after']:.4f})"}
+    if candidate_nll >= out["val_nll"]:  # the bounded search missed T = 1's NLL: never store a worse fit
+        return {**out, "reason": f"the fitted temperature did not lower the validation NLL "
+                                 f"({out['val_nll']:.4f} -> {candidate_nll:.4f})"}
     return {**out, "temperature": candidate, "fitted": True, "val_nll_after": candidate_nll,
             "reason": f"scaling lowered the {folds}-fold cross-validated validation NLL "
                       f"({out['cv_nll']:.4f} -> {out['cv_nll_after']:.4f})"}
