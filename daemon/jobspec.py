@@ -117,7 +117,8 @@ class TrainSpec(Strict):
 
 
 class WinnerRule(Strict):
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the McNemar test.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the winner rule's paired test "
+                         "(McNemar on classification data, Wilcoxon on per-example losses on generation data).")
     critical_recall_may_drop: bool = Field(False, description="Allow a win even if the critical label's recall drops.")
     against: Literal["base", "previous"] = Field(
         "base", description="Reference model; 'previous' falls back to base when there is no previous version.")
