@@ -1,4 +1,5 @@
-"""Label log-likelihood scoring throughput: batched against one example at a time, measured side by side.
+"""Label log-likelihood scoring throughput: batched against one example at a time, measured side by side;
+with ``--latency``, how repeatable the tuned-vs-base latency A/B is.
 
 Baseline: one example at a time, scoring each of its label sequences in full (the plain loop). Also shown: our
 scorer with one example per call (prompt once, KV cache repeated for the labels). Ours: ``scoring.label_logits``
@@ -7,6 +8,13 @@ Target on CPU with the builtin tiny model: batched >= 5x one example at a time.
 
     .venv/bin/python bench/evaluate_bench.py [--examples 256] [--batch 16] [--repeat 3]
         [--model builtin:tiny|phi3.5-shape] [--device cpu|cuda]
+
+Latency A/B (``--latency``): a LoRA adapter with random non-zero weights on the tiny model (same architecture as
+its base, so the true latency ratio is 1.0), timed ``--repeat`` times by two methods. Baseline: the old way, each
+model in one block (tuned first, adapter active and unmerged), one warm-up call. Ours: ``latency.time_models``
+(deployed forms, alternating chunks). Printed: tuned/base p50 ratio per method, its median and range over reruns.
+
+    .venv/bin/python bench/evaluate_bench.py --latency [--examples 30] [--repeat 5]
 """
 from __future__ import annotations
 
@@ -62,6 +70,64 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def latency_ab(examples_n: int, repeat: int, device: str) -> None:
+    """Tuned/base p50 latency ratio on one architecture, old block timing against the alternating deployed forms."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from handlers import modelio
+    from handlers.evaluate import latency, scoring
+    from handlers.evaluate.models import BASE, TUNED, EvalModels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = modelio.build_tiny_model(Path(tmp) / "tiny")
+        tokenizer = modelio.load_tokenizer(folder)
+        base = modelio.load_causal_lm(folder, device=device)
+        torch.manual_seed(0)
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], init_lora_weights=False)
+        models = EvalModels(get_peft_model(base, lora).eval(), tokenizer, device, [TUNED, BASE])
+        cands = scoring.encode_candidates(tokenizer, examples(examples_n), LABELS, 1024)
+        pad = tokenizer.pad_token_id
+
+        def single(model, i):
+            return scoring.score_batch(model, [cands.prefixes[i]], [cands.conts[i]], pad, device)
+
+        def blocks() -> float:
+            p50 = {}
+            with torch.inference_mode():
+                for variant in (TUNED, BASE):
+                    with models.use(variant) as model:
+                        single(model, 0)
+                        times = []
+                        for i in range(examples_n):
+                            start = time.perf_counter()
+                            single(model, i)
+                            times.append(time.perf_counter() - start)
+                    p50[variant] = float(np.median(times))
+            return p50[TUNED] / p50[BASE]
+
+        work = latency.Workload(single=single, batched=lambda m: scoring.label_logits(m, cands, 16, pad, device),
+                                indices=list(range(examples_n)), n_batched=examples_n, what="labels of one example")
+
+        def alternating() -> float:
+            timed = latency.time_models(models, [TUNED, BASE], work, rounds=2)
+            return float(np.median(timed[TUNED]["single"]) / np.median(timed[BASE]["single"]))
+
+        ratios = {"old: one block per model, adapter unmerged": [], "ours: deployed forms, alternating": []}
+        for _ in range(repeat):
+            for (name, runs), fn in zip(ratios.items(), (blocks, alternating)):
+                runs.append(fn())
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
+          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
+    print(f"tiny model + random LoRA r=16 (same architecture: the true ratio is 1.00), {examples_n} examples, "
+          f"{repeat} reruns")
+    print(f"{'method':<46} {'median tuned/base p50':>22} {'range over reruns':>20}")
+    for name, runs in ratios.items():
+        print(f"{name:<46} {np.median(runs):>22.2f} {min(runs):>9.2f} - {max(runs):<9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256)
@@ -69,7 +135,11 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:tiny", choices=["builtin:tiny", "phi3.5-shape"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3, help="round-robin repeats; the best time counts")
+    parser.add_argument("--latency", action="store_true", help="tuned-vs-base latency A/B repeatability instead")
     args = parser.parse_args()
+    if args.latency:
+        latency_ab(args.examples, args.repeat, args.device)
+        return
 
     import numpy as np
     import torch

@@ -131,7 +131,8 @@ class TrainSpec(Strict):
 
 
 class WinnerRule(Strict):
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the McNemar test.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the winner rule's paired test "
+                         "(McNemar on classification data, Wilcoxon on per-example losses on generation data).")
     critical_recall_may_drop: bool = Field(False, description="Allow a win even if the critical label's recall drops.")
     against: Literal["base", "previous"] = Field(
         "base", description="Reference model; 'previous' falls back to base when there is no previous version.")
@@ -142,13 +143,20 @@ class EvaluateSpec(Strict):
         "likelihood", description="Classification scoring: label likelihood, parse generated <final>, or both.")
     critical_label: str | None = Field("REFUSE", description="Label whose recall must not drop; null for none.")
     batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
-    max_new_tokens: int = Field(128, ge=1, description="Generation length (generate/both, samples).")
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens generated per answer (generate/both, "
+                                "generation metrics, samples).")
     max_examples: int | None = Field(None, gt=0, description="Evaluate at most this many test rows.")
     compare_base: bool = Field(True, description="Also evaluate the base model for the A/B test.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the 95% confidence intervals.")
     winner_rule: WinnerRule = Field(WinnerRule(), description="When the tuned model counts as the winner.")
     samples: int = Field(5, ge=0, description="Sample generations shown side by side in the report.")
     latency_examples: int = Field(50, ge=1, description="Test examples timed one at a time for latency p50/p95.")
+    latency_rounds: int = Field(2, ge=2, description="Timing rounds per model, in alternating model order.")
+    calibration_min_val_rows: int = Field(
+        100, ge=10, description="Validation rows needed before a temperature is fitted and stored (else T = 1).")
+    generate_examples: int = Field(
+        50, ge=0, description="Generation data: test prompts answered by each model for exact match, token F1, "
+                              "ROUGE-L and chrF; 0 for none.")
 
 
 class OllamaSpec(Strict):

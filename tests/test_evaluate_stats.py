@@ -1,12 +1,13 @@
-"""Evaluate statistics on fixed numbers: metrics vs scikit-learn, McNemar by hand, ECE, temperature, winner rule."""
+"""Evaluate statistics on fixed numbers: metrics vs scikit-learn, McNemar by hand, ECE, temperature, winner rule,
+latency spread, answer metrics."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from handlers.evaluate import abtest, calibration
-from handlers.evaluate.metrics import UNPARSEABLE, classification_metrics, latency_stats
+from handlers.evaluate import abtest, calibration, latency, textmetrics
+from handlers.evaluate.metrics import UNPARSEABLE, classification_metrics
 from handlers.evaluate.scoring import parse_final
 
 LABELS = ["ALLOW", "DENY", "ESCALATION", "REFUSE"]
@@ -85,17 +86,53 @@ def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
     assert len(bins) == 15 and sum(b["count"] for b in bins) == 5_000 and bins[-1]["count"] == 5_000
 
 
-def test_temperature_scaling_undoes_overconfidence():
-    rng = np.random.default_rng(3)
-    z = rng.normal(0, 1.5, (6_000, 4))
+def _overconfident(n: int, factor: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(z); the model reports ``factor`` * z (factor > 1: too sure of itself)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, 4))
     y = np.array([rng.choice(4, p=p) for p in calibration.probabilities(z)])
-    logits = 3.0 * z  # a model three times too sure of itself
+    return factor * z, y
+
+
+def test_temperature_scaling_undoes_overconfidence_on_a_large_validation_split():
+    logits, y = _overconfident(6_000, 3.0, seed=3)
     t = calibration.fit_temperature(logits[:3_000], y[:3_000])
     assert t == pytest.approx(3.0, rel=0.1)
-    report = calibration.calibration_report(logits[3_000:], y[3_000:], logits[:3_000], y[:3_000], 4)
-    assert report["temperature"] == t
+    report = calibration.calibration_report(logits[3_000:], y[3_000:], logits[:3_000], y[:3_000], 4, 100)
+    assert report["fitted"] is True and report["temperature"] == t and report["fitted_on"] == "val"
+    assert report["cv_nll_after"] < report["cv_nll"] and report["val_nll_after"] < report["val_nll"]
     assert report["ece_after"] < 0.03 < report["ece"]
     assert report["nll_after"] < report["nll"]
+
+
+def test_a_small_validation_split_keeps_t_1_and_still_shows_what_a_fit_would_do():
+    logits, y = _overconfident(132, 3.0, seed=4)
+    report = calibration.calibration_report(logits[32:], y[32:], logits[:32], y[:32], 4, 100)
+    assert report["fitted"] is False and report["temperature"] == 1.0 and report["fitted_on"] is None
+    assert "32 rows, fewer than the 100" in report["reason"]
+    assert report["ece_after"] == report["ece"] and report["nll_after"] == report["nll"]
+    assert report["candidate_temperature"] > 1 and report["nll_candidate"] is not None
+    empty = calibration.calibration_report(logits, y, None, None, 4, 100)
+    assert empty["temperature"] == 1.0 and empty["reason"] == "the validation split is empty"
+
+
+def test_a_calibrated_model_keeps_t_1_when_scaling_does_not_help_out_of_fold():
+    logits, y = _overconfident(400, 1.0, seed=5)  # already calibrated: any fitted T only chases noise
+    choice = calibration.choose_temperature(logits, y, min_rows=100)
+    assert choice["fitted"] is False and choice["temperature"] == 1.0
+    assert choice["cv_nll_after"] >= choice["cv_nll"] and "did not lower" in choice["reason"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_stored_temperature_makes_the_validation_nll_worse(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    logits, y = _overconfident(n, float(rng.uniform(0.3, 4.0)), seed=seed)
+    choice = calibration.choose_temperature(logits, y, min_rows=50, seed=seed)
+    stored = calibration.nll_at(logits, y, choice["temperature"])
+    assert stored == pytest.approx(choice["val_nll_after"])
+    assert stored <= calibration.nll_at(logits, y) + 1e-12
+    assert choice["fitted"] or choice["temperature"] == 1.0
 
 
 def _comparison(ref_acc: float, new_acc: float, p: float, ref_recall: float | None, new_recall: float | None):
@@ -120,11 +157,20 @@ def test_reference_choice_and_loss_rule():
     assert abtest.choose_reference({"base": {}, "previous": {}}, "previous") == "previous"
     assert abtest.choose_reference({"base": {}}, "previous") == "base"
     assert abtest.choose_reference({}, "base") is None
-    better = abtest.compare_losses([2.0, 2.1, 2.2, 1.9, 2.5, 2.4, 2.3, 2.0, 2.6, 2.2],
-                                   [1.0, 1.2, 1.1, 1.0, 1.4, 1.3, 1.1, 0.9, 1.5, 1.2])
+    ref = {"eval_loss": 2.25, "per_example": [2.0, 2.1, 2.2, 1.9, 2.5, 2.4, 2.3, 2.0, 2.6, 2.2]}
+    new = {"eval_loss": 1.2, "per_example": [1.0, 1.2, 1.1, 1.0, 1.4, 1.3, 1.1, 0.9, 1.5, 1.2]}
+    better = abtest.compare_losses(ref, new)
     assert better["new_better_fraction"] == 1.0 and better["wilcoxon_p_value"] < 0.01
-    assert abtest.decide_loss_winner(better, 0.05)[0] is True
-    assert abtest.decide_loss_winner(abtest.compare_losses([1.0, 2.0], [1.0, 2.0]), 0.05)[0] is False
+    assert better["eval_loss"] == {"ref": 2.25, "new": 1.2}
+    assert better["example_mean_loss"]["new"] == pytest.approx(1.17)
+    won, reason = abtest.decide_loss_winner(better, 0.05)
+    assert won is True and "token-weighted eval loss 2.2500 -> 1.2000" in reason
+    same = {"eval_loss": 1.5, "per_example": [1.0, 2.0]}
+    assert abtest.decide_loss_winner(abtest.compare_losses(same, same), 0.05)[0] is False
+    # the rule follows the token-weighted loss even where the per-example mean points the other way
+    longer_worse = abtest.compare_losses({**ref, "eval_loss": 1.1}, new)
+    assert abtest.decide_loss_winner(longer_worse, 0.05) == (False, "token-weighted eval loss 1.1000 -> 1.2000 "
+                                                                    "did not improve")
 
 
 @pytest.mark.parametrize("text, label", [
@@ -140,8 +186,73 @@ def test_parse_final(text, label):
     assert parse_final(text, LABELS) == label
 
 
-def test_latency_stats():
-    out = latency_stats([0.010, 0.020, 0.030, 0.040], n_examples=100, batched_seconds=2.0)
+def test_latency_stats_report_the_spread():
+    single = np.array([[0.010, 0.020], [0.030, 0.040]])
+    out = latency.latency_stats(single, np.array([2.0, 1.0, 3.0]), n_batched=100)
     assert out["latency_p50_ms"] == pytest.approx(25.0)
     assert out["latency_p95_ms"] == pytest.approx(38.5)
-    assert out["examples_per_s"] == pytest.approx(50.0)
+    assert out["latency_iqr_ms"] == pytest.approx([17.5, 32.5])
+    assert out["latency_samples"] == 4 and out["examples_per_s"] == pytest.approx(50.0)
+
+
+def test_latency_change_has_a_paired_interval_and_a_throughput_range():
+    rng = np.random.default_rng(0)
+    base = {"single": rng.normal(0.010, 0.001, (2, 50)), "batched": np.array([1.0, 1.1, 0.9, 1.0, 1.05, 0.95])}
+    slower = {"single": base["single"] * 1.5, "batched": base["batched"] * 1.5}
+    change = latency.latency_change(base, slower, 500, seed=1)
+    assert change["latency_p50_change_pct"] == pytest.approx(50.0)
+    assert change["latency_p50_change"]["ci_low"] == pytest.approx(50.0)  # every pair is exactly 1.5x
+    assert change["examples_per_s_change"]["high"] == pytest.approx(100 / 1.5 - 100)
+    assert change["directions_agree"] is True
+    same = latency.latency_change(base, {"single": base["single"][::-1], "batched": base["batched"][::-1]}, 500, 1)
+    assert same["latency_p50_change"]["ci_low"] < 0 < same["latency_p50_change"]["ci_high"]
+
+
+@pytest.mark.parametrize("lat, thr, agree", [
+    ((-30, -40, -20), (20, 10, 30), True),     # faster by both
+    ((-30, -40, -20), (-20, -30, -10), False),  # lower latency but clearly lower throughput
+    ((-5, -15, 5), (-20, -30, -10), True),      # latency within its noise
+    ((40, 30, 50), (25, 10, 40), False),
+])
+def test_latency_and_throughput_directions(lat, thr, agree):
+    latency_ci = dict(zip(("estimate", "ci_low", "ci_high"), lat))
+    throughput = dict(zip(("estimate", "low", "high"), thr))
+    assert latency.directions_agree(latency_ci, throughput) is agree
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Hello, World!  It's 42.", ["hello", "world", "it", "s", "42"]),
+    ("今日は良い天気です。", ["今", "日", "は", "良", "い", "天", "気", "で", "す"]),
+    ("使用Python编程", ["使", "用", "python", "编", "程"]),
+    ("ＡＢＣ１２３", ["abc123"]),  # full-width forms fold to ASCII (NFKC)
+])
+def test_words_split_cjk_by_character(text, expected):
+    assert textmetrics.words(text) == expected
+
+
+def test_answer_scores_on_hand_checked_pairs():
+    scores = textmetrics.score_answers(
+        ["The cat sat.", "the cat", "dog", "今日は晴れです", "", "the cat sat"],
+        ["the cat sat", "the cat sat on the mat", "The cat sat.", "今日は雨です", "", "the cat sat"])
+    assert scores["exact_match"] == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    # "the cat" vs "the cat sat on the mat": 2 common words, P = 1, R = 2/6
+    assert scores["token_f1"][1] == pytest.approx(2 * (1 * 2 / 6) / (1 + 2 / 6))
+    assert scores["rouge_l"][1] == pytest.approx(2 * (1 * 2 / 6) / (1 + 2 / 6))
+    # 今日は晴れです vs 今日は雨です: LCS 今日はです = 5 chars; P = 5/7, R = 5/6
+    assert scores["rouge_l"][3] == pytest.approx(2 * (5 / 7) * (5 / 6) / (5 / 7 + 5 / 6))
+    assert scores["token_f1"][3] == pytest.approx(scores["rouge_l"][3])
+    assert scores["chrf"][5] == 1.0 and scores["chrf"][2] == 0.0 and 0.2 < scores["chrf"][3] < 0.8
+    assert 0.5 < scores["chrf"][0] < 1.0  # chrF compares characters as written: case and the full stop count
+    assert all(scores[name][4] == 1.0 for name in textmetrics.METRICS)  # empty answer to an empty reference
+
+
+def test_answer_comparison_uses_mcnemar_for_exact_match_and_wilcoxon_otherwise():
+    ref = {"exact_match": [0.0] * 12 + [1.0] * 4, "chrf": [0.2 + 0.01 * i for i in range(16)]}
+    new = {"exact_match": [1.0] * 12 + [1.0] * 4, "chrf": [0.6 + 0.01 * i for i in range(16)]}
+    out = abtest.compare_scores(ref, new, 300, seed=0)
+    assert out["exact_match"]["test"] == "McNemar"
+    assert out["exact_match"]["p_value"] == pytest.approx(abtest.mcnemar_exact([False] * 12 + [True] * 4,
+                                                                               [True] * 16)["p_value"])
+    assert out["exact_match"]["diff"] == pytest.approx(0.75) and out["exact_match"]["ci_low"] > 0
+    assert out["chrf"]["test"] == "Wilcoxon" and out["chrf"]["p_value"] < 0.001
+    assert out["chrf"]["diff"] == pytest.approx(0.4) and out["chrf"]["ci_low"] == pytest.approx(0.4)

@@ -1,7 +1,7 @@
 """The evaluate stage: is the fine-tuned model better than what we had? Numbers, a verdict and a report.
 
 Classification data: label log-likelihood scoring (and/or generation), metrics, calibration, A/B against the
-base model and the previous version. Other data: eval loss, perplexity and sample generations.
+base model and the previous version. Other data: eval losses, perplexity, task metrics of generated answers.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from handlers.context import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("accuracy", "macro_f1", "critical_recall", "ece", "examples_per_s", "latency_p50_ms",
-                "latency_p95_ms", "eval_loss", "perplexity")
+                "latency_p95_ms", "eval_loss", "perplexity", "example_mean_loss", "exact_match", "token_f1", "rouge_l",
+                "chrf")
+BASE_KEYS = ("accuracy", "macro_f1", "eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "chrf")
 
 
 def read_split(ctx: StageContext, split: str) -> list[Example]:
@@ -41,9 +43,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                    reference=results["reference"])
     calib = results.get("calibration")
     if calib:
-        summary.update(ece=calib["ece"], ece_after=calib["ece_after"], temperature=calib["temperature"])
+        summary.update(ece=calib["ece"], ece_after=calib["ece_after"], temperature=calib["temperature"],
+                       temperature_fitted=calib["fitted"])
     base = results["models"].get("base", {}).get("metrics", {})
-    for key in ("accuracy", "macro_f1", "eval_loss", "perplexity"):
+    for key in BASE_KEYS:
         if base.get(key) is not None:
             summary[f"base_{key}"] = base[key]
     comparison = results["comparisons"].get(results["reference"] or "")
@@ -85,6 +88,6 @@ def run(ctx: StageContext) -> StageResult:
         model["temperature"] = summary["temperature"]
     verdict = {True: "winner", False: "not a winner", None: "no verdict"}[results["winner"]]
     headline = (f"accuracy {summary['accuracy']:.3f}" if "accuracy" in summary
-                else f"eval loss {summary['eval_loss']:.4f}")
+                else f"token-weighted eval loss {summary['eval_loss']:.4f}")
     return StageResult(summary=summary, artifacts=artifacts, model=model,
                        message=f"{headline}; {verdict}: {results['winner_reason']}")

@@ -54,15 +54,9 @@ def bootstrap_differences(y_true: Sequence[str], pred_ref: Sequence[str | None],
             for name, point, draws in (("accuracy_diff", point_acc, acc_diff), ("macro_f1_diff", point_f1, f1_diff))}
 
 
-def relative_change(new: float | None, ref: float | None) -> float | None:
-    if new is None or ref is None or ref == 0:
-        return None
-    return (new - ref) / ref * 100.0
-
-
 def compare_classifiers(y_true: Sequence[str], ref: dict[str, Any], new: dict[str, Any], labels: list[str],
                         samples: int, seed: int) -> dict[str, Any]:
-    """Paired comparison of two evaluated models (dicts with ``pred``, ``metrics``, ``latency``)."""
+    """Paired comparison of two evaluated models' predictions (dicts with ``pred`` and ``metrics``)."""
     correct_ref = [p == t for p, t in zip(ref["pred"], y_true)]
     correct_new = [p == t for p, t in zip(new["pred"], y_true)]
     return {
@@ -71,19 +65,40 @@ def compare_classifiers(y_true: Sequence[str], ref: dict[str, Any], new: dict[st
         "accuracy": {"ref": ref["metrics"]["accuracy"], "new": new["metrics"]["accuracy"]},
         "macro_f1": {"ref": ref["metrics"]["macro_f1"], "new": new["metrics"]["macro_f1"]},
         "critical_recall": {"ref": ref["metrics"]["critical_recall"], "new": new["metrics"]["critical_recall"]},
-        "latency_p50_change_pct": relative_change(new["latency"]["latency_p50_ms"], ref["latency"]["latency_p50_ms"]),
-        "examples_per_s_change_pct": relative_change(new["latency"]["examples_per_s"],
-                                                     ref["latency"]["examples_per_s"]),
     }
 
 
-def compare_losses(ref_losses: Sequence[float], new_losses: Sequence[float]) -> dict[str, Any]:
-    """Paired Wilcoxon signed-rank test on per-example eval losses (generation datasets)."""
-    ref, new = np.asarray(ref_losses, dtype=float), np.asarray(new_losses, dtype=float)
-    differs = not np.allclose(ref, new)
-    p_value = float(wilcoxon(new, ref).pvalue) if differs and len(ref) > 1 else 1.0
-    return {"wilcoxon_p_value": p_value, "mean_loss": {"ref": float(ref.mean()), "new": float(new.mean())},
-            "new_better_fraction": float((new < ref).mean())}
+def compare_losses(ref: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Eval losses of two models on the same rows (generation datasets): each token-weighted eval loss (the
+    headline, the winner rule's), and the paired Wilcoxon signed-rank test on per-example mean losses."""
+    a, b = np.asarray(ref["per_example"], dtype=float), np.asarray(new["per_example"], dtype=float)
+    differs = not np.allclose(a, b)
+    p_value = float(wilcoxon(b, a).pvalue) if differs and len(a) > 1 else 1.0
+    return {"eval_loss": {"ref": ref["eval_loss"], "new": new["eval_loss"]},
+            "example_mean_loss": {"ref": float(a.mean()), "new": float(b.mean())},
+            "wilcoxon_p_value": p_value, "new_better_fraction": float((b < a).mean())}
+
+
+def compare_scores(ref: dict[str, Sequence[float]], new: dict[str, Sequence[float]], samples: int,
+                   seed: int) -> dict[str, dict[str, Any]]:
+    """Per task metric, paired on the same examples: both means, a bootstrap 95% CI of the mean difference, and
+    a paired test (exact McNemar for exact match, which is right or wrong; Wilcoxon signed-rank otherwise)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ref:
+        a, b = np.asarray(ref[name], dtype=float), np.asarray(new[name], dtype=float)
+        if not len(a):
+            continue
+        rows = np.random.default_rng(seed).integers(0, len(a), (samples, len(a)))
+        draws = (b - a)[rows].mean(axis=1)
+        if name == "exact_match":
+            test, p_value = "McNemar", mcnemar_exact(a > 0.5, b > 0.5)["p_value"]
+        else:
+            differs = not np.allclose(a, b)
+            test, p_value = "Wilcoxon", float(wilcoxon(b, a).pvalue) if differs and len(a) > 1 else 1.0
+        out[name] = {"ref": float(a.mean()), "new": float(b.mean()), "diff": float((b - a).mean()),
+                     "ci_low": float(np.percentile(draws, 2.5)), "ci_high": float(np.percentile(draws, 97.5)),
+                     "test": test, "p_value": p_value}
+    return out
 
 
 def judge(comparisons: dict[str, Any], against: str,
@@ -115,11 +130,13 @@ def decide_winner(comparison: dict[str, Any], alpha: float, critical_recall_may_
 
 
 def decide_loss_winner(comparison: dict[str, Any], alpha: float) -> tuple[bool, str]:
-    """Generation datasets: lower mean eval loss, significant by the paired Wilcoxon test."""
-    ref, new = comparison["mean_loss"]["ref"], comparison["mean_loss"]["new"]
+    """Generation datasets: a lower token-weighted eval loss, significant by the paired Wilcoxon test on the
+    per-example losses."""
+    ref, new = comparison["eval_loss"]["ref"], comparison["eval_loss"]["new"]
     p = comparison["wilcoxon_p_value"]
+    change = f"token-weighted eval loss {ref:.4f} -> {new:.4f}"
     if new >= ref:
-        return False, f"eval loss did not improve ({ref:.4f} -> {new:.4f})"
+        return False, f"{change} did not improve"
     if p >= alpha:
-        return False, f"eval loss {ref:.4f} -> {new:.4f} is not significant (Wilcoxon p={p:.3g} >= {alpha})"
-    return True, f"eval loss {ref:.4f} -> {new:.4f}, significant (Wilcoxon p={p:.3g} < {alpha})"
+        return False, f"{change} is not significant (Wilcoxon p={p:.3g} >= {alpha} on per-example losses)"
+    return True, f"{change}, significant (Wilcoxon p={p:.3g} < {alpha} on per-example losses)"

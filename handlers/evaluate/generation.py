@@ -1,4 +1,4 @@
-"""Generation datasets: per-example eval loss on the answer tokens, perplexity, and sample generations."""
+"""Generation datasets: eval loss on the answer tokens, perplexity, task metrics of generated answers, samples."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ import numpy as np
 
 from daemon.errors import StopRequested
 from daemon.formats import Example
+from handlers.evaluate import textmetrics
 from handlers.modelio import example_messages, prompt_text, render_chat
 
 log = logging.getLogger(__name__)
@@ -89,14 +90,27 @@ def example_losses(model: Any, items: Sequence[LossItem], batch_size: int, pad_i
 
 
 def loss_summary(sums: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
-    """Token-weighted eval loss and perplexity, plus per-example mean losses for the paired test."""
+    """Two losses, named apart: ``eval_loss`` weights every scored token alike (the headline, perplexity and the
+    winner rule use it); ``example_mean_loss`` weights every example alike (the mean of ``per_example``, which
+    the paired test compares)."""
     eval_loss = float(sums.sum() / max(1, counts.sum()))
+    per_example = sums / np.maximum(counts, 1)
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700.0)), "tokens": int(counts.sum()),
-            "per_example": (sums / np.maximum(counts, 1)).tolist()}
+            "example_mean_loss": float(per_example.mean()) if len(per_example) else None,
+            "per_example": per_example.tolist()}
+
+
+def _answer_scores(per_model: dict[str, Any], references: Sequence[str], n: int) -> None:
+    """Task metrics of each model's first ``n`` answers against the references (in place)."""
+    for result in per_model.values():
+        scores = textmetrics.score_answers(result["outputs"][:n], references[:n])
+        result["answer_scores"] = scores
+        result["metrics"].update(textmetrics.means(scores), answered=n)
 
 
 def evaluate_generation(ctx: Any, models: Any, test: Sequence[Example]) -> dict[str, Any]:
-    """Eval loss and perplexity per model, a paired loss test against the reference, sample generations."""
+    """Eval losses, and task metrics of generated answers, per model; paired tests against the references;
+    answers side by side with the references."""
     from handlers.evaluate import abtest
     from handlers.evaluate.models import BASE, PREVIOUS, TUNED
     from handlers.evaluate.scoring import generate
@@ -104,27 +118,40 @@ def evaluate_generation(ctx: Any, models: Any, test: Sequence[Example]) -> dict[
     spec = ctx.job.evaluate
     tok = models.tokenizer
     items = encode_for_loss(tok, test, ctx.job.train.max_seq_length)
-    shown = list(test[:spec.samples])
-    prompts = [prompt_and_reference(tok, ex) for ex in shown]
+    n_scored = min(spec.generate_examples, len(test))
+    answered = list(test[:max(n_scored, spec.samples)])
+    prompts = [prompt_and_reference(tok, ex) for ex in answered]
     per_model: dict[str, Any] = {}
     for variant in models.variants:
-        log.info("evaluating %s model on %d test examples (eval loss)", variant, len(test))
+        log.info("evaluating %s model on %d test examples (eval loss; %d answers generated)", variant, len(test),
+                 len(answered))
         with models.use(variant) as model:
             ctx.report_progress(force=True, phase=f"eval loss {variant}")
             sums, counts = example_losses(model, items, spec.batch_size, tok.pad_token_id, models.device,
                                           ctx.should_stop)
+            ctx.report_progress(force=True, phase=f"generating {variant}")
             outputs = generate(model, tok, [p for p, _ in prompts], spec.max_new_tokens, spec.batch_size,
-                               models.device, ctx.should_stop) if shown else []
-        per_model[variant] = {"metrics": loss_summary(sums, counts), "samples": outputs}
+                               models.device, ctx.should_stop) if answered else []
+        per_model[variant] = {"metrics": loss_summary(sums, counts), "outputs": outputs}
+    references = [ref for _, ref in prompts]
+    if n_scored:
+        _answer_scores(per_model, references, n_scored)
     samples = [{"id": ex.id, "prompt": _shown_prompt(ex, prompt)[-600:], "reference": ref,
-                **{v: per_model[v]["samples"][i] for v in per_model}}
-               for i, (ex, (prompt, ref)) in enumerate(zip(shown, prompts))]
-    comparisons = {ref: abtest.compare_losses(per_model[ref]["metrics"]["per_example"],
-                                              per_model[TUNED]["metrics"]["per_example"])
-                   for ref in (BASE, PREVIOUS) if ref in per_model}
+                **{v: per_model[v]["outputs"][i] for v in per_model},
+                "chrf": {v: per_model[v]["answer_scores"]["chrf"][i] for v in per_model if i < n_scored}}
+               for i, (ex, (prompt, ref)) in enumerate(zip(answered[:spec.samples], prompts))]
+    comparisons = {}
+    for ref in (BASE, PREVIOUS):
+        if ref in per_model:
+            comparisons[ref] = abtest.compare_losses(per_model[ref]["metrics"], per_model[TUNED]["metrics"])
+            if n_scored:
+                comparisons[ref]["answers"] = abtest.compare_scores(
+                    per_model[ref]["answer_scores"], per_model[TUNED]["answer_scores"], spec.bootstrap_samples,
+                    ctx.job.seed)
     rule = spec.winner_rule
     reference, winner, reason = abtest.judge(comparisons, rule.against,
                                              lambda c: abtest.decide_loss_winner(c, rule.alpha))
     log.info("winner: %s (%s)", winner, reason)
     return {"task": "generation", "models": per_model, "samples": samples, "comparisons": comparisons,
+            "answered": n_scored, "ids": [ex.id for ex in answered[:n_scored]], "references": references[:n_scored],
             "winner": winner, "winner_reason": reason, "reference": reference, "skipped": models.skipped}

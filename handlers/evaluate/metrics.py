@@ -1,9 +1,8 @@
-"""Classification metrics (scikit-learn does the counting) and latency statistics."""
+"""Classification metrics (scikit-learn does the counting)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 UNPARSEABLE = "(unparseable)"
@@ -33,14 +32,3 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
 
 def macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: list[str]) -> float:
     return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
-
-
-def latency_stats(latencies_s: Sequence[float], n_examples: int, batched_seconds: float) -> dict[str, Any]:
-    """p50/p95 of single-example latency (ms) and batched throughput (examples/s)."""
-    lat = np.asarray(latencies_s, dtype=float) * 1000.0
-    return {
-        "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-        "latency_p95_ms": float(np.percentile(lat, 95)) if lat.size else None,
-        "latency_samples": int(lat.size),
-        "examples_per_s": n_examples / batched_seconds if batched_seconds > 0 else None,
-    }

@@ -20,8 +20,10 @@ from handlers.evaluate import plots
 RESULTS_SCHEMA_VERSION = 1
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1", "critical_recall", "ece", "latency_p50_ms", "latency_p95_ms",
                           "examples_per_s", "unparseable")
-GENERATION_COLUMNS = ("eval_loss", "perplexity", "tokens")
-DROPPED_KEYS = ("logits", "probs", "pred", "outputs")  # per-example arrays live in predictions.jsonl
+GENERATION_COLUMNS = ("eval_loss", "perplexity", "example_mean_loss", "tokens", "exact_match", "token_f1", "rouge_l",
+                      "chrf", "answered")
+# per-example arrays live in predictions.jsonl
+DROPPED_KEYS = ("logits", "probs", "pred", "outputs", "answer_scores")
 
 
 def _clean(value: Any) -> Any:
@@ -42,11 +44,12 @@ def results_document(results: dict[str, Any], job: Any, model: dict[str, Any] | 
     for m in models.values():
         if "generation" in m:
             m["generation"] = {k: v for k, v in m["generation"].items() if k not in DROPPED_KEYS}
-    doc = {k: v for k, v in results.items() if k not in ("models", "y_true", "ids")}
+    doc = {k: v for k, v in results.items() if k not in ("models", "y_true", "ids", "references")}
     return _clean({"schema_version": RESULTS_SCHEMA_VERSION, "created_at": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), "job": job.name, "model": model, "base_model": job.base_model,
         "mode": job.evaluate.mode, "critical_label": job.evaluate.critical_label, "n_test": _n_test(results),
         "winner_rule": job.evaluate.winner_rule.model_dump(), "bootstrap_samples": job.evaluate.bootstrap_samples,
+        "max_new_tokens": job.evaluate.max_new_tokens,
         **doc, "models": models})
 
 
@@ -66,6 +69,18 @@ def write_predictions(path: Path, results: dict[str, Any]) -> None:
                 row[f"{name}_probs"] = {lab: round(float(p), 6) for lab, p in zip(results["labels"], m["probs"][i])}
             if "generation" in m:
                 row[f"{name}_generated"] = m["generation"]["outputs"][i]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    write_text_atomically(path, "\n".join(lines) + "\n")
+
+
+def write_answers(path: Path, results: dict[str, Any]) -> None:
+    """Generation data: each scored answer per model with its task metrics, next to the reference."""
+    lines = []
+    for i, (row_id, reference) in enumerate(zip(results["ids"], results["references"])):
+        row: dict[str, Any] = {"id": row_id, "reference": reference}
+        for name, m in results["models"].items():
+            row[name] = m["outputs"][i]
+            row[f"{name}_scores"] = {k: round(v[i], 6) for k, v in m["answer_scores"].items()}
         lines.append(json.dumps(row, ensure_ascii=False))
     write_text_atomically(path, "\n".join(lines) + "\n")
 
@@ -146,6 +161,9 @@ def write_reports(stage_dir: Path, results: dict[str, Any], job: Any,
     if results["task"] == "classification":
         write_predictions(stage_dir / "predictions.jsonl", results)
         artifacts["predictions"] = "predictions.jsonl"
+    elif results["answered"]:
+        write_answers(stage_dir / "answers.jsonl", results)
+        artifacts["answers"] = "answers.jsonl"
     images = make_plots(stage_dir, results)
     write_text_atomically(stage_dir / "report.html", render_html(doc, images))
     artifacts["report"] = "report.html"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -189,24 +188,6 @@ def label_logits(model: Any, cands: Candidates, batch_size: int, pad_id: int, de
             if progress is not None:
                 progress(start + len(batch), cands.n_examples)
     return scores
-
-
-def single_example_latencies(model: Any, cands: Candidates, examples: Sequence[int], pad_id: int,
-                             device: Any) -> list[float]:
-    """Seconds to classify each of ``examples`` alone (one request: one prompt pass, its labels together)."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        if examples:  # warm-up: the first call pays for lazy initialisation, not for the example
-            score_batch(model, [cands.prefixes[examples[0]]], [cands.conts[examples[0]]], pad_id, device)
-        for i in examples:
-            start = time.perf_counter()
-            score_batch(model, [cands.prefixes[i]], [cands.conts[i]], pad_id, device)
-            if str(device).startswith("cuda"):
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-    return out
 
 
 def parse_final(text: str, labels: Sequence[str]) -> str | None:
