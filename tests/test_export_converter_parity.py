@@ -44,8 +44,9 @@ DIFFERENCES = {
 }
 BUILDERS = {"llama-spm": F.tiny_llama_spm, "phi3-spm": F.tiny_phi3,
             "tinyllama": lambda d: F.tiny_real_tokenizer(d, "tinyllama"),
-            "mistral-v3": lambda d: F.tiny_real_tokenizer(d, "mistral"),
-            "builtin-tiny": modelio.build_tiny_model}
+            "mistral-v3": lambda d: F.tiny_real_tokenizer(d, "mistral")}
+# Not compared: byte-level BPE vocabularies (builtin:tiny, Qwen2-style) whose pre-tokenizer hash the converter
+# does not list; it refuses them ("BPE pre-tokenizer was not recognized"), so there is nothing to compare with.
 
 
 def _kv(path: Path) -> dict:
@@ -64,8 +65,6 @@ def test_metadata_matches_the_official_converter(tmp_path, which):
                       base_model=str(model_dir)).path
     proc = subprocess.run([sys.executable, str(Path(SRC) / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
                            str(tmp_path / "theirs.gguf"), "--outtype", "f16"], capture_output=True, text=True)
-    if proc.returncode and "BPE pre-tokenizer was not recognized" in proc.stderr:
-        pytest.skip("the converter refuses byte-level BPE tokenizers whose hash it does not list")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = _kv(ours), _kv(tmp_path / "theirs.gguf")
     differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
