@@ -33,6 +33,9 @@ class SupervisorSettings(Strict):
     stop_grace_seconds: float = Field(120.0, gt=0, description="How long a stopped stage may take to checkpoint.")
     poll_seconds: float = Field(1.0, gt=0)
     log_tail_lines: int = Field(40, ge=1)
+    self_stop_resume_seconds: float = Field(
+        60.0, gt=0, description="A stage that stopped itself on a condition that clears (a full disk) is resumed "
+                                "this long after.")
 
 
 class DefaultJobSettings(Strict):

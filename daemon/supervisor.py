@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon import registry
-from daemon.children import (failure_message, is_stage_process, send_stop, start_stage_process,
+from daemon.children import (failure_message, is_stage_process, log_tail, send_stop, start_stage_process,
                              stop_orphan)
 from daemon.config import DaemonSettings
 from daemon.control import cancel_idle_job
@@ -91,18 +91,22 @@ class Supervisor:
                     log.warning("stage %s of %s is still running from before; stopping it", stage["name"], job["id"])
                     stop_orphan(job["pid"], grace)
 
-            def requeue(doc: dict) -> None:
-                for s in doc["stages"]:
-                    if s["state"] in ("running", "interrupted"):
-                        s.update(state="pending", ended_at=None)
-                doc.update(state="queued", pid=None)
-            self.store.update_job(job["id"], requeue)
+            self._requeue(job["id"])
             log.info("job %s will resume", job["id"])
+
+    def _requeue(self, job_id: str) -> None:
+        def requeue(doc: dict) -> None:
+            for s in doc["stages"]:
+                if s["state"] in ("running", "interrupted"):
+                    s.update(state="pending", ended_at=None)
+            doc.update(state="queued", pid=None, resume_at=None)
+        self.store.update_job(job_id, requeue)
 
     # main-loop work -------------------------------------------------------
     def tick(self) -> None:
         for run in list(self.running.values()):
             self._poll(run)
+        self._resume_self_stopped()
         self._start_queued()
         self._check_waiting()
 
@@ -194,6 +198,15 @@ class Supervisor:
         elif run.stop_reason == "cancel":
             self._stage_ended(run, "cancelled", None)
             self._finish(run.job_id, "cancelled")
+        elif code == EXIT_INTERRUPTED and run.stop_reason is None:
+            # nobody asked it to stop: the stage stopped itself on a condition that clears (a full disk)
+            tail = log_tail(run.stage_dir / LOG_FILE, 20)
+            last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+            self._stage_ended(run, "interrupted", None)
+            wait = self.settings.supervisor.self_stop_resume_seconds
+            self._finish(run.job_id, "interrupted", f"stage {run.stage} stopped itself and is resumable; trainbox "
+                         f"resumes it in {wait:g} s (its log ends with: {last})")
+            self.store.update_job(run.job_id, {"resume_at": time.time() + wait})
         elif code == EXIT_INTERRUPTED or run.stop_reason == "shutdown":
             self._stage_ended(run, "interrupted", None)
             self._finish(run.job_id, "interrupted")
@@ -203,6 +216,15 @@ class Supervisor:
                                     self.settings.supervisor.log_tail_lines)
             self._stage_ended(run, "failed", error, exit_code=code)
             self._finish(run.job_id, "failed", error)
+
+    def _resume_self_stopped(self) -> None:
+        """Requeue jobs whose stage stopped itself once their wait is over (the daemon's own stops wait for a
+        restart or 'trainbox retry', as before)."""
+        now = time.time()
+        for job in self.store.jobs.search((Q.state == "interrupted") & (Q.resume_at.test(
+                lambda t: t is not None and t <= now))):
+            log.info("job %s: resuming its stage that stopped itself", job["id"])
+            self._requeue(job["id"])
 
     def _stage_ended(self, run: Running, state: str, error: str | None, exit_code: int | None = None) -> None:
         def change(doc: dict) -> None:

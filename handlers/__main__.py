@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("stage %s crashed:\n%s", args.stage, traceback.format_exc())
             return EXIT_FAILED
         # a full disk clears: interrupted (resumable), never failed
-        log.error("stage %s stopped, the disk is full: %s; free space, then 'trainbox retry' or a daemon restart "
-                  "resumes the job", args.stage, exc)
+        log.error("stage %s stopped, the disk is full: %s; free space: the daemon resumes the job by itself",
+                  args.stage, exc)
         return EXIT_INTERRUPTED
     except Exception:
         log.error("stage %s crashed:\n%s", args.stage, traceback.format_exc())
