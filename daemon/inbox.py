@@ -52,6 +52,10 @@ class _Candidate:
     closed: bool  # the writer closed it (inotify close-after-write) or it was renamed in
 
 
+def _drop_stop_race(record: logging.LogRecord) -> bool:
+    return "called when the thread is inactive" not in record.getMessage()
+
+
 class InboxWatcher(FileSystemEventHandler):
     """Collects candidate files from events and rescans; ``ready_files`` returns the complete ones."""
 
@@ -71,8 +75,15 @@ class InboxWatcher(FileSystemEventHandler):
         self.rescan()
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
+        # watchdog's inotify reader, woken by its own stop(), logs "queue_events() called when the thread is
+        # inactive" at ERROR; that race inside watchdog is harmless, so it is not shown as an error of ours
+        inotify_log = logging.getLogger("watchdog.observers.inotify")
+        inotify_log.addFilter(_drop_stop_race)
+        try:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        finally:
+            inotify_log.removeFilter(_drop_stop_race)
 
     # events ---------------------------------------------------------------
     def on_any_event(self, event: FileSystemEvent) -> None:
