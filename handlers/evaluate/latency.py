@@ -4,7 +4,7 @@ Every model runs in its deployed form: the tuned (and previous) adapter merged i
 stage ships it, the base with no adapter; both then run exactly the same modules, so only the weights differ.
 Same process, same threads, same inputs; an untimed warm-up call before every block; short blocks in alternating
 model order (A B, B A, ...) so drift and background load hit every model alike. The spread is reported: p50,
-p95 and the interquartile range per model, and a paired bootstrap 95% interval of the p50 change.
+p95 and the interquartile range per model, and a paired block-bootstrap 95% interval of the p50 change.
 """
 from __future__ import annotations
 
@@ -122,15 +122,35 @@ def _pct(new: float, ref: float) -> float:
     return (new - ref) / ref * 100.0
 
 
+def timing_blocks(single: np.ndarray) -> np.ndarray:
+    """The single-example times as (blocks, CHUNK): one block is one round's chunk of CHUNK examples, timed
+    back to back on one model (the last block NaN-padded when CHUNK does not divide the examples)."""
+    single = np.atleast_2d(np.asarray(single, dtype=float))
+    rounds, n = single.shape
+    per_round = -(-n // CHUNK)
+    out = np.full((rounds * per_round, CHUNK), np.nan)
+    for r in range(rounds):
+        for c, first in enumerate(range(0, n, CHUNK)):
+            part = single[r, first:first + CHUNK]
+            out[r * per_round + c, :len(part)] = part
+    return out
+
+
 def latency_change(ref: dict[str, np.ndarray], new: dict[str, np.ndarray], samples: int,
                    seed: int) -> dict[str, Any]:
     """Change of the tuned model's p50 latency and throughput against ``ref``, with their spread.
 
-    p50: paired bootstrap over the (round, example) cells, both models resampled alike, 95% percentile interval.
+    p50: paired block bootstrap, 95% percentile interval. Background load comes in bursts, so times taken
+    back to back move together: resampling single examples would treat a burst as many independent draws
+    and state an interval a rerun often misses. Whole blocks (a chunk of one model and the same chunk of the
+    other, timed next to each other) are resampled instead.
     Throughput: the range of the per-pass changes (pass k of one model against pass k of the other)."""
     a, b = ref["single"].ravel(), new["single"].ravel()
-    rows = np.random.default_rng(seed).integers(0, len(a), (samples, len(a)))
-    draws = (np.median(b[rows], axis=1) - np.median(a[rows], axis=1)) / np.median(a[rows], axis=1) * 100.0
+    blocks_a, blocks_b = timing_blocks(ref["single"]), timing_blocks(new["single"])
+    picks = np.random.default_rng(seed).integers(0, len(blocks_a), (samples, len(blocks_a)))
+    med_a = np.nanmedian(blocks_a[picks].reshape(samples, -1), axis=1)
+    med_b = np.nanmedian(blocks_b[picks].reshape(samples, -1), axis=1)
+    draws = (med_b - med_a) / med_a * 100.0
     per_pass = [_pct(1.0 / n, 1.0 / r) for r, n in zip(ref["batched"], new["batched"])]
     latency = {"estimate": _pct(float(np.median(b)), float(np.median(a))),
                "ci_low": float(np.percentile(draws, 2.5)), "ci_high": float(np.percentile(draws, 97.5))}
