@@ -1,7 +1,7 @@
-"""Render the job schema as the README's reference tables, so the docs cannot drift from the code.
+"""Render the job schema as the reference tables of docs/jobs.md, so the docs cannot drift from the code.
 
     python -m daemon.schemadoc            # print
-    python -m daemon.schemadoc --write    # replace the marked section of README.md
+    python -m daemon.schemadoc --write    # replace the marked section of docs/jobs.md
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from daemon.jobfile import _find_model
 from daemon.jobspec import JobSpec
 
 BEGIN, END = "<!-- jobspec:begin -->", "<!-- jobspec:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+JOBS_DOC = Path(__file__).resolve().parent.parent / "docs" / "jobs.md"
 
 
 def _type_name(annotation: object) -> str:
@@ -72,15 +72,15 @@ def readme_section(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    parser.add_argument("--write", action="store_true", help="update docs/jobs.md in place")
     args = parser.parse_args()
     doc = render()
     if not args.write:
         print(doc, end="")
         return
-    text = README.read_text(encoding="utf-8")
+    text = JOBS_DOC.read_text(encoding="utf-8")
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    README.write_text(text[:start] + "\n" + doc + text[end:], encoding="utf-8")
+    JOBS_DOC.write_text(text[:start] + "\n" + doc + text[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -90,11 +90,11 @@ def test_yaml_11_booleans_stay_strings() -> None:
     assert spec.notify.on == ["failed"] and spec.evaluate.critical_label == "NO"
 
 
-def test_readme_job_reference_matches_the_schema() -> None:
+def test_job_reference_page_matches_the_schema() -> None:
     from daemon.schemadoc import readme_section, render
 
-    assert readme_section((REPO / "README.md").read_text(encoding="utf-8")) == render(), \
-        "README job reference is stale: run python -m daemon.schemadoc --write"
+    assert readme_section((REPO / "docs" / "jobs.md").read_text(encoding="utf-8")) == render(), \
+        "docs/jobs.md job reference is stale: run python -m daemon.schemadoc --write"
 
 
 def test_daemon_settings_errors_are_located_too(tmp_path: Path) -> None:
