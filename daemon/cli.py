@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from daemon.errors import DaemonAlreadyRunning, InvalidInput
+from trainbox.errors import DaemonAlreadyRunning, InvalidInput
 
 # Each module exposes add_commands(subparsers, common) and sets args.func(args) -> exit code.
 COMMAND_MODULES = [

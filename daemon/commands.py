@@ -9,13 +9,13 @@ from pathlib import Path
 from daemon.cli import print_json
 from daemon.config import load_settings, resolve_home
 from daemon.control import (RequestRefused, cancel_idle_job, check_request, retry_job, write_request)
-from daemon.errors import DaemonAlreadyRunning
-from daemon.fsio import fsync_dir
 from daemon.jobs import JSON_SCHEMA_VERSION, job_view
 from daemon.layout import Layout
 from daemon.lock import HomeLock, lock_is_held
 from daemon.status import status_view
 from daemon.store import Store
+from trainbox.errors import DaemonAlreadyRunning
+from trainbox.fsio import fsync_dir
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

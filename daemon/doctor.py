@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from daemon.config import load_settings, resolve_home
-from daemon.errors import InvalidInput
+from trainbox.errors import InvalidInput
 
 EXIT_OK, EXIT_FAILED = 0, 1
 # run in a child so the CLI never imports torch; prints one JSON object

@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import Problem
-from daemon.jobspec import JobSpec
 from handlers.export.support import architecture_of, check_export_requirements
-from handlers.registry import STAGES
 from handlers.train.requirements import check_train_requirements
+from trainbox.errors import Problem
+from trainbox.jobspec import JobSpec
+from trainbox.stages import STAGES
 
 BASE_MODEL_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")

@@ -19,11 +19,11 @@ from daemon.children import (failure_message, is_stage_process, log_tail, send_s
                              stop_orphan)
 from daemon.config import DaemonSettings
 from daemon.control import cancel_idle_job
-from daemon.fsio import move_durably, read_json, write_json_atomically
 from daemon.jobs import job_outcome
 from daemon.layout import Layout
 from daemon.store import Q, Store, utcnow
 from handlers.context import EXIT_INTERRUPTED, EVENTS_FILE, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE
+from trainbox.fsio import move_durably, read_json, write_json_atomically
 
 log = logging.getLogger(__name__)
 PROGRESS_STORE_INTERVAL_S = 2.0

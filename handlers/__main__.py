@@ -15,12 +15,12 @@ import threading
 import traceback
 from pathlib import Path
 
-from daemon.errors import InvalidInput, StageFailed, StopRequested
-from daemon.fsio import write_json_atomically
 from handlers.context import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, RESULT_FILE,
                               load_context)
 from handlers.diskspace import best_effort, out_of_space, until_written
-from handlers.registry import STAGES
+from trainbox.errors import InvalidInput, StageFailed, StopRequested
+from trainbox.fsio import write_json_atomically
+from trainbox.stages import STAGES
 
 log = logging.getLogger("handlers")
 

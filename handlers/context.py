@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.fsio import append_line_durably, read_json, write_json_atomically
-from daemon.jobspec import JobSpec
 from handlers.diskspace import best_effort
+from trainbox.fsio import append_line_durably, read_json, write_json_atomically
+from trainbox.jobspec import JobSpec
 
 STAGE_FILE = "stage.json"
 RESULT_FILE = "result.json"

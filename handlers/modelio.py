@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
-from daemon.fsio import fsync_dir
+from trainbox.errors import StageFailed
+from trainbox.fsio import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def load_causal_lm(ref: str | Path, *, device: str = "cpu", dtype: Any = None,
 
 def example_messages(example: Any) -> list[dict[str, str]] | None:
     """The conversation a canonical Example trains on (None for plain ``text`` rows)."""
-    from daemon.formats import classification_target
+    from trainbox.rows import classification_target
 
     if example.messages:
         return [dict(m) for m in example.messages]

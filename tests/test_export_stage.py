@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import export_fixtures as F
-from daemon.errors import StageFailed
-from daemon.jobspec import ExportSpec
 from handlers import export, modelio
 from handlers.export.support import SUPPORTED_ARCHITECTURES, check_export_requirements
+from trainbox.errors import StageFailed
+from trainbox.jobspec import ExportSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

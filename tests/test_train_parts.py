@@ -6,9 +6,6 @@ import json
 import pytest
 import torch
 
-from daemon.errors import StageFailed
-from daemon.formats import Example
-from daemon.jobspec import LoraSpec, TrainSpec
 from daemon.resources import ResourceWatch
 from handlers import modelio
 from handlers.context import load_context
@@ -20,6 +17,9 @@ from handlers.train.model import build_model
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.plan import GIB, TrainPlan, decide_memory, make_plan, model_shape
 from handlers.train.requirements import check_train_requirements
+from trainbox.errors import StageFailed
+from trainbox.jobspec import LoraSpec, TrainSpec
+from trainbox.rows import Example
 from train_fixtures import make_train_stage, run_stage
 
 PHI35 = {"hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 32064,

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import NotifySettings
-from daemon.fsio import append_line_durably
 from daemon.layout import Layout
 from daemon.notify.backends import BACKENDS, deliver
 from daemon.notify.note import Note, coalesce
+from trainbox.fsio import append_line_durably
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60.0

@@ -14,8 +14,8 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from daemon.fsio import write_json_atomically, write_text_atomically
 from handlers.evaluate import plots
+from trainbox.fsio import write_json_atomically, write_text_atomically
 
 RESULTS_SCHEMA_VERSION = 1
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1", "critical_recall", "ece", "latency_p50_ms", "latency_p95_ms",

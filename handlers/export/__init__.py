@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed, StopRequested
-from daemon.fsio import write_json_atomically
 from handlers import modelio
 from handlers.context import StageContext, StageResult
 from handlers.export import merge, modelcard, ollama, verify
@@ -21,6 +19,8 @@ from handlers.export.gguf_arch import arch_spec
 from handlers.export.gguf_writer import write_gguf
 from handlers.export.support import check_export_requirements
 from handlers.export.tokenizer_meta import read_tokenizer_meta
+from trainbox.errors import StageFailed, StopRequested
+from trainbox.fsio import write_json_atomically
 
 log = logging.getLogger(__name__)
 

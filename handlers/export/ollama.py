@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.errors import StageFailed
+from trainbox.errors import StageFailed
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.fsio import fsync_dir, write_json_atomically
+from trainbox.fsio import fsync_dir, write_json_atomically
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
-from daemon.jobspec import TrainSpec
 from handlers.train.loss import CHUNK_TOKENS
 from handlers.train.requirements import check_train_requirements
+from trainbox.errors import StageFailed
+from trainbox.jobspec import TrainSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Train settings this machine cannot run, found before anything starts (torch-free: the daemon calls it at ingest)."""
 from __future__ import annotations
 
-from daemon.jobspec import TrainSpec
+from trainbox.jobspec import TrainSpec
 
 QLORA_NEEDS_CUDA = (
     "train.method: qlora needs an NVIDIA GPU with CUDA (bitsandbytes {bits}-bit quantization) and none was "

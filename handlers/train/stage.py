@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from daemon.errors import StageFailed
-from daemon.fsio import fsync_dir
 from handlers import diskspace
 from handlers.context import StageContext, StageResult
 from handlers.modelio import load_tokenizer, resolve_base_model
@@ -27,10 +25,12 @@ from handlers.train.checkpoints import newest_complete_checkpoint
 from handlers.train.loop import Flags, TrainRun, train_loop
 from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
+from handlers.train.observers import Observers
 from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.requirements import check_train_requirements
-from handlers.train.observers import Observers
 from handlers.train.trainstate import TrainState, load_training_state
+from trainbox.errors import StageFailed
+from trainbox.fsio import fsync_dir
 
 log = logging.getLogger(__name__)
 # peft imports bitsandbytes, whose CPU backend logs a warning about optional kernels that LoRA never uses
