@@ -246,8 +246,17 @@ def _model_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        model = _find_model(field.annotation) or (JobSpec if extra.get("keys_of") == "JobSpec" else None)
+        model = _find_model(field.annotation) or _keys_of(extra.get("keys_of"))
     return model
+
+
+def _keys_of(name: object) -> type[BaseModel] | None:
+    """The model a free-form dict field declares its keys from (``json_schema_extra={"keys_of": "JobSpec"}``)."""
+    if name != "JobSpec":
+        return None
+    from trainbox.jobspec import JobSpec  # imported here: the job schema is one user of this generic loader
+
+    return JobSpec
 
 
 def _find_model(annotation: object) -> type[BaseModel] | None:

@@ -9,8 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from handlers.context import StageContext, StageResult
+from handlers.context import StageContext
 from trainbox.errors import StageFailed
+from trainbox.protocol import StageResult
 from trainbox.rows import Example
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from handlers.train.loss import CHUNK_TOKENS
-from handlers.train.requirements import check_train_requirements
 from trainbox.errors import StageFailed
 from trainbox.jobspec import TrainSpec
 
@@ -181,14 +180,11 @@ def resolve_device(spec: TrainSpec, ctx_device: str) -> str:
 
 
 def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
-    """Pick the training mode; raises StageFailed for settings this machine cannot run."""
+    """Pick the training mode for settings ``run_train`` has checked against this machine (trainbox.preflight)."""
     import torch
 
     device = resolve_device(spec, ctx_device)
     cuda = device.startswith("cuda")
-    problems = check_train_requirements(spec, cuda_available=cuda)
-    if problems:
-        raise StageFailed("; ".join(problems))
     if spec.precision == "auto":
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else ("float16" if cuda else "float32")
     else:

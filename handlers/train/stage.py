@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from handlers import diskspace
-from handlers.context import StageContext, StageResult
+from handlers.context import StageContext
 from handlers.modelio import load_tokenizer, resolve_base_model
 from handlers.train import data, metrics, progress, rendering
 from handlers.train.checkpoints import newest_complete_checkpoint
@@ -27,10 +27,11 @@ from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.observers import Observers
 from handlers.train.plan import make_plan, resolve_device, total_steps
-from handlers.train.requirements import check_train_requirements
 from handlers.train.trainstate import TrainState, load_training_state
 from trainbox.errors import StageFailed
 from trainbox.fsio import fsync_dir
+from trainbox.preflight import train_problems
+from trainbox.protocol import StageResult
 
 log = logging.getLogger(__name__)
 # peft imports bitsandbytes, whose CPU backend logs a warning about optional kernels that LoRA never uses
@@ -130,9 +131,9 @@ def run_train(ctx: StageContext) -> StageResult:
     spec, stage_dir = ctx.job.train, ctx.stage_dir
     started = time.time()
     device = resolve_device(spec, ctx.device)
-    problems = check_train_requirements(spec, cuda_available=device.startswith("cuda"))
+    problems = train_problems(spec, cuda_available=device.startswith("cuda"))
     if problems:
-        raise StageFailed("; ".join(problems))  # before any model is built or loaded
+        raise StageFailed("; ".join(p.sentence() for p in problems))  # before any model is built or loaded
     base = resolve_base_model(ctx.job.base_model, ctx.home)
     plan = make_plan(spec, device, base)
     configure_torch(plan.device, plan.cpu_threads)
