@@ -29,7 +29,7 @@ from handlers.train.observers import Observers
 from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.trainstate import TrainState, load_training_state
 from trainbox.errors import StageFailed
-from trainbox.fsio import fsync_dir
+from trainbox.fsio import fsync_dir, fsync_tree
 from trainbox.preflight import train_problems
 from trainbox.protocol import StageResult
 
@@ -83,11 +83,7 @@ def save_outputs(stage_dir: Path, model: Any, tokenizer: Any) -> tuple[Path, Pat
         target, tmp = stage_dir / name, stage_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         obj.save_pretrained(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         out.append(target)
