@@ -266,7 +266,7 @@ class Supervisor:
                for k, v in artifacts.items()}
         if "exported" in job["spec"]["notify"]["on"]:
             self.notify("model_exported", f"trainbox exported {job['name']} v{job['model']['version']}",
-                        f"{message}\n{dest}".strip(), job_id=run.job_id)
+                        f"{message}\n{dest}".strip(), speak=job["spec"]["notify"]["speak"], job_id=run.job_id)
         return out
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
@@ -311,7 +311,8 @@ class Supervisor:
         self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}" + (f": {detail}" if detail else ""),
                              job_id=job_id)
         if state in job["spec"]["notify"]["on"]:
-            self.notify(f"job_{state}", f"{job['name']} {state}", detail or job_id, job_id=job_id)
+            self.notify(f"job_{state}", f"{job['name']} {state}", detail or job_id,
+                        speak=job["spec"]["notify"]["speak"], job_id=job_id)
         log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
                 f": {error or detail}" if (error or detail) else "")
 
@@ -325,7 +326,8 @@ class Supervisor:
                 self.store.update_job(job["id"], {"waiting_notified": True})
                 if "waiting" in job["spec"]["notify"]["on"]:
                     self.notify("job_waiting_too_long", f"trainbox: {job['name']} is waiting",
-                                f"no dataset matches {job['spec']['datasets']}", job_id=job["id"])
+                                f"no dataset matches {job['spec']['datasets']}",
+                                speak=job["spec"]["notify"]["speak"], job_id=job["id"])
 
     # requests and shutdown -------------------------------------------------
     def cancel(self, job_id: str) -> None:
