@@ -63,7 +63,7 @@ class StageContext:
             return
         self._last_progress = now
         record = {"stage": self.stage, "time": time.time(), **fields}
-        best_effort("progress.json", lambda: write_json_atomically(self.stage_dir / PROGRESS_FILE, record))
+        best_effort(PROGRESS_FILE, lambda: write_json_atomically(self.stage_dir / PROGRESS_FILE, record))
 
     def emit_event(self, kind: str, message: str, **data: Any) -> None:
         """Pass an event (e.g. ``resource_warning``) to the daemon, which notifies the user (lost on a full disk)."""
