@@ -37,7 +37,7 @@ TEXTS = ["Can you help me write an email to my landlord about the broken heater?
 
 
 def examples(n: int) -> list:
-    from daemon.formats import Example
+    from trainbox.rows import Example
 
     return [Example(id=str(i), format="classification", text=f"{TEXTS[i % len(TEXTS)]} (case {i})",
                     label=LABELS[i % len(LABELS)]) for i in range(n)]

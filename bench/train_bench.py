@@ -86,7 +86,7 @@ def make_model_dir(folder: Path, shape: dict[str, Any], tokenizer: str, device: 
 
 
 def examples(limit: int) -> list:
-    from daemon.formats import read_examples
+    from trainbox.rows import read_examples
 
     return read_examples(ALPACA)[1][:limit]
 

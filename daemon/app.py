@@ -27,9 +27,9 @@ from daemon.notify import Notifier
 from daemon.resources import ResourceWatch, daemon_snapshot
 from daemon.store import Q, Store, utcnow
 from daemon.supervisor import Supervisor
+from trainbox.protocol import EXIT_OK
 
 log = logging.getLogger(__name__)
-EXIT_OK = 0
 STORAGE_RETRY_S = 5.0
 # the main loop ingests for at most this long before it supervises, heartbeats and reads requests again
 INGEST_SLICE_S = 1.0

@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from daemon.errors import DaemonAlreadyRunning, InvalidInput
+from trainbox.errors import DaemonAlreadyRunning, InvalidInput
+from trainbox.protocol import EXIT_INVALID
 
 # Each module exposes add_commands(subparsers, common) and sets args.func(args) -> exit code.
 COMMAND_MODULES = [
@@ -23,7 +24,6 @@ COMMAND_MODULES = [
     "daemon.top",
     "daemon.service",
 ]
-EXIT_OK, EXIT_USAGE = 0, 2
 
 console = Console()
 err_console = Console(stderr=True)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (InvalidInput, DaemonAlreadyRunning) as exc:
         say_error(str(exc))
-        return EXIT_USAGE
+        return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
 

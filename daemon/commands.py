@@ -9,15 +9,14 @@ from pathlib import Path
 from daemon.cli import print_json
 from daemon.config import load_settings, resolve_home
 from daemon.control import (RequestRefused, cancel_idle_job, check_request, retry_job, write_request)
-from daemon.errors import DaemonAlreadyRunning
-from daemon.fsio import fsync_dir
 from daemon.jobs import JSON_SCHEMA_VERSION, job_view
 from daemon.layout import Layout
 from daemon.lock import HomeLock, lock_is_held
 from daemon.status import status_view
 from daemon.store import Store
-
-EXIT_OK, EXIT_USAGE = 0, 2
+from trainbox.errors import DaemonAlreadyRunning
+from trainbox.fsio import fsync_dir
+from trainbox.protocol import EXIT_INVALID, EXIT_OK
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -56,7 +55,6 @@ def _store(home: Path) -> Store:
     return Store.for_home(home, readonly=True)
 
 
-
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.app import run_daemon
     from daemon.cli import setup_logging
@@ -75,7 +73,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for src in args.files:
         if not src.is_file():
             say_error(f"{src}: no such file")
-            return EXIT_USAGE
+            return EXIT_INVALID
     for src in args.files:
         # copy under a hidden temp name, then rename: the daemon never sees a half-written file
         tmp = inbox / f".{src.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -120,7 +118,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     job = _store(_home(args)).find_job(args.job)
     if job is None:
         say_error(f"no job matches {args.job!r}; 'trainbox jobs' lists them")
-        return EXIT_USAGE
+        return EXIT_INVALID
     view = job_view(job)
     if args.json:
         print_json({"schema_version": JSON_SCHEMA_VERSION, "job": view})
@@ -136,7 +134,7 @@ def _request(args: argparse.Namespace, action: str) -> int:
     job = _store(home).find_job(args.job)
     if job is None:
         say_error(f"no job matches {args.job!r}; 'trainbox jobs' lists them")
-        return EXIT_USAGE
+        return EXIT_INVALID
     try:
         check_request(_store(home), action, job["id"])
         if lock_is_held(home):
@@ -150,7 +148,7 @@ def _request(args: argparse.Namespace, action: str) -> int:
         console.print(f"{job['id']}: {action} done" + (" (runs when the daemon starts)" if action == "retry" else ""))
     except RequestRefused as exc:
         say_error(str(exc))
-        return EXIT_USAGE
+        return EXIT_INVALID
     except DaemonAlreadyRunning:
         write_request(home, action, job["id"])  # a daemon started meanwhile: let it apply the request
         console.print(f"{action} of {job['id']} sent to the running daemon")

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from daemon.jobfile import decode_utf8, parse_yaml_model
-from daemon.jobspec import JobSpec
-from daemon.untrusted import read_capped
+from trainbox.jobspec import JobSpec
+from trainbox.untrusted import read_capped
+from trainbox.yamlmodel import decode_utf8, parse_yaml_model
 
 MAX_SETTINGS_BYTES = 64_000
 

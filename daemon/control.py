@@ -8,10 +8,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from daemon.fsio import write_json_atomically
 from daemon.jobs import ACTIVE_STATES, reset_stages_from
 from daemon.layout import Layout
 from daemon.store import Store
+from trainbox.fsio import write_json_atomically
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import queue
 import threading
 from pathlib import Path
 
-from daemon.formats import DatasetInfo, read_examples
-from daemon.untrusted import read_capped, shown_name
+from trainbox.rows import DatasetInfo, read_examples
+from trainbox.untrusted import read_capped, shown_name
 
 
 def check_dataset(claim: Path, name: str, max_bytes: int) -> DatasetInfo:

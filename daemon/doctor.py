@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from daemon.config import load_settings, resolve_home
-from daemon.errors import InvalidInput
+from trainbox.errors import InvalidInput
+from trainbox.protocol import EXIT_FAILED, EXIT_OK
 
-EXIT_OK, EXIT_FAILED = 0, 1
 # run in a child so the CLI never imports torch; prints one JSON object
 _PROBE = r"""
 import json, importlib

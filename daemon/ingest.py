@@ -18,17 +18,18 @@ import yaml
 
 from daemon.config import DaemonSettings
 from daemon.datasetcheck import DatasetChecker, check_dataset
-from daemon.errors import InvalidInput, Problem
-from daemon.formats import DatasetInfo
-from daemon.fsio import move_durably, write_bytes_atomically, write_text_atomically
-from daemon.jobfile import MAX_JOB_BYTES, decode_utf8, key_position, parse_job_text
 from daemon.jobs import new_job
-from daemon.jobspec import JobSpec
 from daemon.layout import Layout
 from daemon.rejects import set_aside
-from daemon.requirements import check_job
 from daemon.store import Q, Store, utcnow
-from daemon.untrusted import is_per_file_error, not_regular_problem, read_capped, shown_name
+from trainbox.errors import InvalidInput, Problem
+from trainbox.fsio import move_durably, write_bytes_atomically, write_text_atomically
+from trainbox.jobfile import MAX_JOB_BYTES, parse_job_text
+from trainbox.jobspec import JobSpec
+from trainbox.preflight import check_job
+from trainbox.rows import DatasetInfo
+from trainbox.untrusted import is_per_file_error, not_regular_problem, read_capped, shown_name
+from trainbox.yamlmodel import decode_utf8, key_position
 
 log = logging.getLogger(__name__)
 DATASET_SUFFIXES = (".jsonl",)

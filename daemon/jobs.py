@@ -5,8 +5,8 @@ import secrets
 from datetime import datetime, timezone
 from typing import Any
 
-from daemon.jobspec import JobSpec
 from daemon.store import utcnow
+from trainbox.jobspec import JobSpec
 
 ACTIVE_STATES = ("waiting", "queued", "running", "interrupted")
 JSON_SCHEMA_VERSION = 1

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from daemon.errors import DaemonAlreadyRunning
+from trainbox.errors import DaemonAlreadyRunning
 
 if os.name == "nt":
     import msvcrt

@@ -12,6 +12,7 @@ from typing import Any
 
 from daemon.cli import print_json
 from daemon.store import Q, Store, utcnow
+from trainbox.protocol import EXIT_INVALID, EXIT_OK
 
 log = logging.getLogger(__name__)
 JSON_SCHEMA_VERSION = 1
@@ -20,7 +21,6 @@ ARTIFACT_KEYS = ("adapter", "tokenizer", "eval_report", "merged", "gguf", "model
 # keys under which the augment stage may report its output row count (first present wins)
 AUGMENTED_ROW_KEYS = ("rows_total", "total_rows", "rows_out", "augmented_rows", "rows")
 REF_PATTERN = re.compile(r"^(?P<name>.+?)(?:(?::|@v?)(?P<version>\d+))?$")
-EXIT_OK, EXIT_USAGE = 0, 2
 
 
 class UnknownModel(LookupError):
@@ -235,7 +235,6 @@ def _read_store(args: argparse.Namespace) -> Store:
     return Store.for_home(resolve_home(args.home), readonly=True)
 
 
-
 def cmd_models(args: argparse.Namespace) -> int:
     from daemon.cli import console
     from daemon.registry_view import models_table
@@ -257,7 +256,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         a, b = find_entry(store, args.a), find_entry(store, args.b)
     except UnknownModel as exc:
         err_console.print(f"[bold red]error:[/] {exc}; 'trainbox models' lists them", highlight=False)
-        return EXIT_USAGE
+        return EXIT_INVALID
     result = compare_entries(a, b)
     if args.json:
         print_json(result)

@@ -8,28 +8,20 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from trainbox.numberformat import format_value
+
 # metrics where a smaller number is better (their deltas are coloured the other way round)
 LOWER_IS_BETTER = ("ece", "ece_after", "eval_loss", "example_mean_loss", "perplexity", "latency_p50_ms",
                    "latency_p95_ms", "p_value", "base_eval_loss", "base_perplexity")
 HEADLINE = ("accuracy", "macro_f1", "critical_recall", "ece", "eval_loss", "perplexity")
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _rows(entry: dict[str, Any]) -> str:
     rows = entry.get("rows") or {}
     original, augmented = rows.get("original"), rows.get("augmented")
     if augmented is None:
-        return _fmt(original)
-    return f"{_fmt(original)} -> {augmented}"
+        return format_value(original, 4)
+    return f"{format_value(original, 4)} -> {augmented}"
 
 
 def _winner(value: Any) -> Text:
@@ -53,8 +45,9 @@ def models_table(entries: list[dict[str, Any]]) -> Table:
     table.add_column("created", overflow="fold")
     for e in entries:
         m = e.get("metrics") or {}
-        table.add_row(f"{e['name']}:{e['version']}", str(e.get("base_model")), _rows(e), _fmt(e.get("train_loss"), 3),
-                      *(_fmt(m.get(key), 3) for key, _ in shown), _winner(e.get("winner")),
+        table.add_row(f"{e['name']}:{e['version']}", str(e.get("base_model")), _rows(e),
+                      format_value(e.get("train_loss"), 3),
+                      *(format_value(m.get(key), 3) for key, _ in shown), _winner(e.get("winner")),
                       str(e.get("created_at") or "-")[:10])
     if not entries:
         table.caption = "no model registered yet: a job's model appears here once its train stage has finished"
@@ -88,15 +81,15 @@ def comparison_panel(result: dict[str, Any]) -> Panel:
     metrics = result["metrics"]
     for key in [*(k for k in HEADLINE if k in metrics), *(k for k in metrics if k not in HEADLINE)]:
         row = metrics[key]
-        table.add_row(key, _fmt(row["a"]), _fmt(row["b"]), _delta_text(key, row["delta"]))
+        table.add_row(key, format_value(row["a"], 4), format_value(row["b"], 4), _delta_text(key, row["delta"]))
     loss = result["train_loss"]
     reduction = loss["reduction_pct"]
-    table.add_row("train loss", _fmt(loss["a"]), _fmt(loss["b"]),
+    table.add_row("train loss", format_value(loss["a"], 4), format_value(loss["b"], 4),
                   _reduction_text(reduction))
     rows = result["rows"]
     increase = rows["increase"]
     pct = "" if rows["increase_pct"] is None else f" ({rows['increase_pct']:+.1f}%)"
-    table.add_row("training rows", _fmt(rows["a"]), _fmt(rows["b"]),
+    table.add_row("training rows", format_value(rows["a"], 4), format_value(rows["b"], 4),
                   Text("-", style="dim") if increase is None else Text(f"{increase:+d}{pct}"))
     table.add_row("winner vs base", _winner(result["winner"]["a"]), _winner(result["winner"]["b"]), "")
     head = Text.assemble(("A ", "bold"), f"{label_a} (base {a.get('base_model')}, job {a.get('job_id')})\n",

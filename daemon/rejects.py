@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from daemon.errors import InvalidInput
-from daemon.fsio import move_without_replacing, write_new_file_durably
 from daemon.status import ERROR_SUFFIX
-from daemon.untrusted import kept_name, read_capped
+from trainbox.errors import InvalidInput
+from trainbox.fsio import move_without_replacing, write_new_file_durably
+from trainbox.untrusted import kept_name, read_capped
 
 
 def set_aside(rejected: Path, src: Path, name: str, claim_id: str, explanation_text: str) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from daemon.jobfile import _find_model
-from daemon.jobspec import JobSpec
+from trainbox.jobspec import JobSpec
+from trainbox.yamlmodel import _find_model
 
 BEGIN, END = "<!-- jobspec:begin -->", "<!-- jobspec:end -->"
 JOBS_DOC = Path(__file__).resolve().parent.parent / "docs" / "jobs.md"

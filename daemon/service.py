@@ -12,9 +12,9 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from daemon.config import DaemonSettings, load_settings, resolve_home
-from daemon.fsio import write_text_atomically
+from trainbox.fsio import write_text_atomically
+from trainbox.protocol import EXIT_FAILED, EXIT_OK
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STOP_MARGIN_S = 30  # after the stage grace: the daemon still closes the store, notifier and watcher
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 
-from daemon.fsio import write_text_atomically
+from trainbox.fsio import write_text_atomically
 
 log = logging.getLogger(__name__)
 Q = Query()

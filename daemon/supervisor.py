@@ -12,18 +12,19 @@ import time
 from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from daemon import registry
 from daemon.children import (failure_message, is_stage_process, log_tail, send_stop, start_stage_process,
                              stop_orphan)
 from daemon.config import DaemonSettings
 from daemon.control import cancel_idle_job
-from daemon.fsio import move_durably, read_json, write_json_atomically
 from daemon.jobs import job_outcome
 from daemon.layout import Layout
 from daemon.store import Q, Store, utcnow
-from handlers.context import EXIT_INTERRUPTED, EVENTS_FILE, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE
+from trainbox.fsio import move_durably, read_json, write_json_atomically
+from trainbox.protocol import (EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE,
+                               DatasetEntry, StageSpec, read_result, write_record)
 
 log = logging.getLogger(__name__)
 PROGRESS_STORE_INTERVAL_S = 2.0
@@ -147,7 +148,7 @@ class Supervisor:
         stage_dir = self.layout.stage_dir(job["id"], stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # a previous attempt's verdict must not be read
-        write_json_atomically(stage_dir / STAGE_FILE, self._stage_spec(job, stage, slot))
+        write_record(stage_dir / STAGE_FILE, self._stage_spec(job, stage, slot))
         env = {"CUDA_VISIBLE_DEVICES": slot.split(":")[1] if slot.startswith("cuda") else ""}
         with open(stage_dir / LOG_FILE, "a", encoding="utf-8") as fh:
             fh.write(f"\n=== trainbox: stage {stage} of {job['id']} started at {utcnow()} on {slot} ===\n")
@@ -163,23 +164,21 @@ class Supervisor:
         self.store.update_job(job["id"], mark)
         log.info("job %s: stage %s started (pid %d, %s)", job["id"], stage, proc.pid, slot)
 
-    def _stage_spec(self, job: dict, stage: str, slot: str) -> dict[str, Any]:
-        results = {}
-        for s in job["stages"]:
-            if s["state"] in ("succeeded", "skipped"):
-                results[s["name"]] = read_json(self.layout.stage_dir(job["id"], s["name"]) / RESULT_FILE, {})
+    def _stage_spec(self, job: dict, stage: str, slot: str) -> StageSpec:
+        results = {s["name"]: read_result(self.layout.stage_dir(job["id"], s["name"])).model_dump(mode="json")
+                   for s in job["stages"] if s["state"] in ("succeeded", "skipped")}
         datasets = []
         for sha in job["datasets"]:
             ds = self.store.dataset(sha)
-            datasets.append({"name": ds["name"], "sha256": sha, "path": str(self.layout.home / ds["path"]),
-                             "format": ds["format"], "rows": ds["rows"]})
+            datasets.append(DatasetEntry(name=ds["name"], sha256=sha, path=self.layout.home / ds["path"],
+                                         format=ds["format"], rows=ds["rows"]))
         model = job.get("model")
         previous = registry.previous_version(self.store, model["name"], model["version"]) if model else None
-        return {"job_id": job["id"], "stage": stage, "home": str(self.layout.home), "job": job["spec"],
-                "datasets": datasets, "results": results, "device": "cuda" if slot.startswith("cuda") else "cpu",
-                "stage_dirs": {s["name"]: str(self.layout.stage_dir(job["id"], s["name"])) for s in job["stages"]},
-                "settings": {"resources": self.settings.resources.model_dump()},
-                "model": model, "previous_model": previous}
+        return StageSpec(job_id=job["id"], stage=stage, home=self.layout.home, job=job["spec"], datasets=datasets,
+                         results=results, device="cuda" if slot.startswith("cuda") else "cpu",
+                         stage_dirs={s["name"]: self.layout.stage_dir(job["id"], s["name"]) for s in job["stages"]},
+                         settings={"resources": self.settings.resources.model_dump()},
+                         model=model, previous_model=previous)
 
     # a running stage ------------------------------------------------------
     def _poll(self, run: Running) -> None:
@@ -211,8 +210,7 @@ class Supervisor:
             self._stage_ended(run, "interrupted", None)
             self._finish(run.job_id, "interrupted")
         else:
-            result = read_json(run.stage_dir / RESULT_FILE, {}) or {}
-            error = failure_message(run.stage, code, result.get("error"), run.stage_dir / LOG_FILE,
+            error = failure_message(run.stage, code, read_result(run.stage_dir).error, run.stage_dir / LOG_FILE,
                                     self.settings.supervisor.log_tail_lines)
             self._stage_ended(run, "failed", error, exit_code=code)
             self._finish(run.job_id, "failed", error)
@@ -233,21 +231,21 @@ class Supervisor:
         self.store.update_job(run.job_id, change)
 
     def _stage_done(self, run: Running) -> None:
-        result = read_json(run.stage_dir / RESULT_FILE, {}) or {}
-        artifacts = {k: str(run.stage_dir / v) for k, v in (result.get("artifacts") or {}).items()}
+        result = read_result(run.stage_dir)
+        artifacts = {k: str(run.stage_dir / v) for k, v in result.artifacts.items()}
         job = self.store.job(run.job_id)
-        if result.get("model"):
+        if result.model:
             entry = registry.ensure_entry(self.store, job)
             job = self.store.update_job(run.job_id, {"model": {"name": entry["name"], "version": entry["version"]}})
             if run.stage == "export" and "model_dir" in artifacts:
-                artifacts = self._publish(run, job, artifacts, result.get("message") or "")
-            registry.update_entry(self.store, run.job_id, run.stage, {**result["model"], "artifacts": artifacts}
-                                  if run.stage == "export" else result["model"])
+                artifacts = self._publish(run, job, artifacts, result.message)
+            registry.update_entry(self.store, run.job_id, run.stage, {**result.model, "artifacts": artifacts}
+                                  if run.stage == "export" else result.model)
 
         def change(doc: dict) -> None:
             doc["stages"][run.index].update(
-                state="skipped" if result.get("state") == "skipped" else "succeeded", ended_at=utcnow(),
-                summary=result.get("summary") or {}, artifacts=artifacts, message=result.get("message") or "")
+                state="skipped" if result.skipped else "succeeded", ended_at=utcnow(),
+                summary=result.summary, artifacts=artifacts, message=result.message)
             doc["pid"] = None
             if run.index + 1 >= len(doc["stages"]):
                 doc["state"] = "succeeded"
@@ -268,7 +266,7 @@ class Supervisor:
                for k, v in artifacts.items()}
         if "exported" in job["spec"]["notify"]["on"]:
             self.notify("model_exported", f"trainbox exported {job['name']} v{job['model']['version']}",
-                        f"{message}\n{dest}".strip(), job_id=run.job_id)
+                        f"{message}\n{dest}".strip(), speak=job["spec"]["notify"]["speak"], job_id=run.job_id)
         return out
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
@@ -313,7 +311,8 @@ class Supervisor:
         self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}" + (f": {detail}" if detail else ""),
                              job_id=job_id)
         if state in job["spec"]["notify"]["on"]:
-            self.notify(f"job_{state}", f"{job['name']} {state}", detail or job_id, job_id=job_id)
+            self.notify(f"job_{state}", f"{job['name']} {state}", detail or job_id,
+                        speak=job["spec"]["notify"]["speak"], job_id=job_id)
         log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
                 f": {error or detail}" if (error or detail) else "")
 
@@ -327,7 +326,8 @@ class Supervisor:
                 self.store.update_job(job["id"], {"waiting_notified": True})
                 if "waiting" in job["spec"]["notify"]["on"]:
                     self.notify("job_waiting_too_long", f"trainbox: {job['name']} is waiting",
-                                f"no dataset matches {job['spec']['datasets']}", job_id=job["id"])
+                                f"no dataset matches {job['spec']['datasets']}",
+                                speak=job["spec"]["notify"]["speak"], job_id=job["id"])
 
     # requests and shutdown -------------------------------------------------
     def cancel(self, job_id: str) -> None:

@@ -20,10 +20,10 @@ from daemon.status import status_view
 from daemon.store import Store
 from daemon.ui import (counts_line, daemon_line, events_table, gpu_lines, home_line, number, numeric_items, queue_line,
                        rejected_table, running_job)
+from trainbox.protocol import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
 METRICS_FILE = Path("train") / "metrics" / "training_metrics.jsonl"
-PROGRESS_FILE = "progress.json"
 JOB_LINES = 4  # name, bar, loss, eval
 
 

@@ -15,12 +15,12 @@ import threading
 import traceback
 from pathlib import Path
 
-from daemon.errors import InvalidInput, StageFailed, StopRequested
-from daemon.fsio import write_json_atomically
-from handlers.context import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, RESULT_FILE,
-                              load_context)
+from handlers.context import load_context
 from handlers.diskspace import best_effort, out_of_space, until_written
-from handlers.registry import STAGES
+from trainbox.errors import InvalidInput, StageFailed, StopRequested
+from trainbox.protocol import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, RESULT_FILE, StageResult,
+                               write_record)
+from trainbox.stages import STAGES
 
 log = logging.getLogger("handlers")
 
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (InvalidInput, StageFailed) as exc:
         log.error("stage %s failed: %s", args.stage, exc)
-        best_effort(RESULT_FILE, lambda: write_json_atomically(args.stage_dir / RESULT_FILE,
-                                                               {"state": "failed", "error": str(exc)}))
+        failed = StageResult(state="failed", error=str(exc))
+        best_effort(RESULT_FILE, lambda: write_record(args.stage_dir / RESULT_FILE, failed))
         return EXIT_INVALID if isinstance(exc, InvalidInput) else EXIT_FAILED
     except OSError as exc:
         if not out_of_space(exc):
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stage %s crashed:\n%s", args.stage, traceback.format_exc())
         return EXIT_FAILED
     try:
-        until_written(RESULT_FILE, lambda: write_json_atomically(args.stage_dir / RESULT_FILE, result.to_dict()),
-                      ctx.should_stop)
+        until_written(RESULT_FILE, lambda: write_record(args.stage_dir / RESULT_FILE, result), ctx.should_stop)
     except StopRequested as exc:
         log.warning("stage %s stopped: %s", args.stage, exc)
         return EXIT_INTERRUPTED

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from typing import Callable, TypeVar
 
-from daemon.errors import StopRequested
+from trainbox.errors import StopRequested
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

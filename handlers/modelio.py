@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
-from daemon.fsio import fsync_dir
+from trainbox.errors import StageFailed
+from trainbox.fsio import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,6 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(root)
-
-
 def resolve_base_model(base_model: str, home: Path) -> str:
     """``builtin:tiny`` -> its cached dir (built once); a local dir -> absolute path; else a hub id as is."""
     if base_model == BUILTIN_TINY:
@@ -110,7 +102,7 @@ def resolve_base_model(base_model: str, home: Path) -> str:
             tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{BUILTIN_TINY_DIR}."))
             try:
                 build_tiny_model(tmp)
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 os.rename(tmp, target)  # atomic; fails if another process won the race
                 fsync_dir(cache)
                 log.info("built %s into %s", BUILTIN_TINY, target)
@@ -190,7 +182,7 @@ def load_causal_lm(ref: str | Path, *, device: str = "cpu", dtype: Any = None,
 
 def example_messages(example: Any) -> list[dict[str, str]] | None:
     """The conversation a canonical Example trains on (None for plain ``text`` rows)."""
-    from daemon.formats import classification_target
+    from trainbox.rows import classification_target
 
     if example.messages:
         return [dict(m) for m in example.messages]

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.formats import Example
-from handlers.context import RESULT_FILE, load_context
+from handlers.context import load_context
+from trainbox.protocol import RESULT_FILE, write_record
+from trainbox.rows import Example
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_fixtures import demo_examples, make_train_stage, run_stage, split_by_hash  # noqa: E402
@@ -56,9 +57,8 @@ def make_eval_stage(train_dir: Path, evaluate: dict[str, Any] | None = None,
 
 def run_evaluate(stage: Path) -> Any:
     """The evaluate stage in-process (same code as the child), with result.json written like the runner."""
-    from daemon.fsio import write_json_atomically
     from handlers.evaluate import run
 
     result = run(load_context(stage))
-    write_json_atomically(stage / RESULT_FILE, result.to_dict())
+    write_record(stage / RESULT_FILE, result)
     return result

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from handlers.context import StageContext
+from handlers.context import StageContext, load_context
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -183,7 +183,7 @@ def export_context(tmp_path: Path, base_dir: Path, *, export: dict[str, Any] | N
             "stage_dirs": {"train": str(train_dir), "export": str(stage_dir)},
             "results": results, "model": model}
     (stage_dir / "stage.json").write_text(json.dumps(spec))
-    return StageContext(stage_dir, spec)
+    return load_context(stage_dir)
 
 
 TOKENIZERS = Path(__file__).resolve().parent / "fixtures" / "tokenizers"

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from conftest import FAST_SETTINGS, FIXTURES, REPO, drop, jobs_json, read_store, wait_for
-from daemon.status import rejected_files
 from daemon.layout import Layout
+from daemon.status import rejected_files
 
 
 def set_settings(home: Path, **changes: dict) -> None:

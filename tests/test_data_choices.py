@@ -13,11 +13,11 @@ import sys
 import pytest
 
 from conftest import FIXTURES, REPO, drop, read_store, wait_for
-from daemon.errors import InvalidInput
-from daemon.formats import read_examples
 from handlers import modelio
 from handlers.train import rendering
 from handlers.train.data import IGNORE, encode_example
+from trainbox.errors import InvalidInput
+from trainbox.rows import read_examples
 
 LF = FIXTURES / "llamafactory"
 # a template with native tool support, in the style of Qwen2.5 / Llama 3.1 (schemas, calls, tool role)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.formats import Example
 from handlers import modelio
 from handlers.evaluate import scoring
+from trainbox.rows import Example
 
 LABELS = ["ALLOW", "DENY", "ESCALATION", "REFUSE"]
 

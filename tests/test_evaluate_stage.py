@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.formats import Example
+from trainbox.rows import Example
 from evaluate_fixtures import (REPO_ROOT, demo_splits, make_eval_stage, run_evaluate, train_demo)
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import shutil
 
 
 import export_fixtures as F
-from daemon.jobspec import JobSpec
-from daemon.requirements import check_job
+from trainbox.jobspec import JobSpec
+from trainbox.preflight import check_job
 
 
 def _folder(tmp_path):

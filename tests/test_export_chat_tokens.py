@@ -11,12 +11,12 @@ import sys
 import pytest
 
 import export_fixtures as F
-from daemon.formats import Example
 from handlers import modelio
 from handlers.export import gguf_writer, llama_cpp_check, verify
 from handlers.export.gguf_writer import write_gguf
 from handlers.export.tokenizer_meta import read_tokenizer_meta
 from handlers.train.data import encode_example
+from trainbox.rows import Example
 
 pytestmark = pytest.mark.skipif(not llama_cpp_check.available(),
                                 reason="llama-cpp-python (extra gguf-runtime) is not installed")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import export_fixtures as F
-from daemon.errors import StageFailed
-from daemon.jobspec import ExportSpec
 from handlers import export, modelio
-from handlers.export.support import SUPPORTED_ARCHITECTURES, check_export_requirements
+from trainbox.errors import StageFailed
+from trainbox.jobspec import ExportSpec
+from trainbox.preflight import SUPPORTED_ARCHITECTURES, export_problems
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,11 +74,11 @@ def test_merged_only_export(tmp_path):
 
 
 def test_unsupported_architecture_fails_at_validation():
-    problems = check_export_requirements({"architectures": ["GPT2LMHeadModel"]}, ExportSpec())
-    assert len(problems) == 1 and all(a in problems[0] for a in SUPPORTED_ARCHITECTURES)
-    assert check_export_requirements({"architectures": ["GPT2LMHeadModel"]}, ExportSpec(gguf=[])) == []
-    assert check_export_requirements({"model_type": "qwen2"}, ExportSpec()) == []
-    assert check_export_requirements(None, ExportSpec()) == []
+    problems = export_problems({"architectures": ["GPT2LMHeadModel"]}, ExportSpec())
+    assert len(problems) == 1 and all(a in problems[0].message for a in SUPPORTED_ARCHITECTURES)
+    assert export_problems({"architectures": ["GPT2LMHeadModel"]}, ExportSpec(gguf=[])) == []
+    assert export_problems({"model_type": "qwen2"}, ExportSpec()) == []
+    assert export_problems(None, ExportSpec()) == []
 
 
 def test_unsupported_base_model_fails_the_stage(tmp_path):

@@ -96,7 +96,7 @@ def test_qwen2_pre_tokenizer_is_recognised(tmp_path):
 
 
 def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path):
-    from daemon.errors import StageFailed
+    from trainbox.errors import StageFailed
     from transformers import AutoTokenizer
 
     model_dir = F.tiny_qwen2(tmp_path / "q")

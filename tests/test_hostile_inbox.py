@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from daemon.config import DaemonSettings, load_settings
-from daemon.errors import InvalidInput
 from daemon.ingest import MAX_RECOVER_ATTEMPTS, Ingestor
 from daemon.layout import Layout
 from daemon.status import rejected_files
 from daemon.store import Store
+from trainbox.errors import InvalidInput
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LAUGHS = "name: lol\ndatasets: [x]\nlol0: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(

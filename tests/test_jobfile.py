@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import InvalidInput
-from daemon.jobfile import load_job_file, parse_job_text
-from daemon.jobspec import JobSpec
+from trainbox.errors import InvalidInput
+from trainbox.jobfile import load_job_file, parse_job_text
+from trainbox.jobspec import JobSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

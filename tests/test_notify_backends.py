@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,30 @@ def test_notify_test_command_reports_each_backend(tmp_path, webhook_server):
     result = json.loads(proc.stdout)
     assert proc.returncode == 1 and result["webhook"]["ok"] and not result["audio"]["ok"]
     assert "install" in result["audio"]["detail"]
+
+
+def test_a_job_that_asks_for_speech_is_spoken_though_the_daemon_does_not_speak(tmp_path, monkeypatch):
+    """A job's notify.speak reaches the audio backend through the dispatcher; the real espeak-ng runs, behind a
+    wrapper on PATH that only records each call."""
+    real = shutil.which("espeak-ng")
+    if not real:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    backends = _audio_settings()  # the daemon's own speech is off
+    assert not backends.speak
+    calls = tmp_path / "espeak-calls.txt"
+    wrapper = tmp_path / "bin" / "espeak-ng"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    notifier = Notifier(NotifySettings(backends=backends, events={"job_succeeded": ["audio"],
+                                                                  "job_failed": ["audio"]},
+                                       coalesce_seconds=0.05), tmp_path)
+    notifier.notify("job_failed", "job quiet failed", "nobody asked to hear it", job_id="j1")
+    notifier.notify("job_succeeded", "job loud succeeded", "eval accuracy 0.91", speak=True, job_id="j2")
+    notifier.close(timeout=60)
+    spoken = calls.read_text().splitlines()
+    assert len(spoken) == 1 and "job loud succeeded" in spoken[0], spoken
+    journal = [json.loads(line) for line in (tmp_path / "logs" / "notifications.jsonl").read_text().splitlines()]
+    assert {r["title"]: r["backends"]["audio"] for r in journal} == {"job quiet failed": "sent",
+                                                                     "job loud succeeded": "sent"}

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from conftest import FIXTURES, REPO
-from daemon.formats import Example, read_examples
-from daemon.fsio import write_json_atomically
-from daemon.jobspec import JobSpec
+from trainbox.fsio import write_json_atomically
+from trainbox.jobspec import JobSpec
+from trainbox.rows import Example, read_examples
 
 
 def run_prepare(tmp: Path, datasets: list[Path], **job: object) -> Path:

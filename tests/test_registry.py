@@ -134,7 +134,7 @@ def test_models_and_compare_commands(store, tmp_path, capsys):
 # publishing -------------------------------------------------------------------------------------------
 def _export_job(store: Store) -> dict:
     from daemon.jobs import new_job
-    from daemon.jobspec import JobSpec
+    from trainbox.jobspec import JobSpec
 
     doc = new_job(JobSpec.model_validate({"name": "guard", "datasets": ["guard.jsonl"], "stages": ["export"]}),
                   source="test", claim=None)

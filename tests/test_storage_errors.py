@@ -7,24 +7,24 @@ import os
 import threading
 from pathlib import Path
 
-import daemon.fsio
+import trainbox.fsio
 from conftest import FIXTURES, read_store, wait_for
 from daemon.app import request_stop, run_daemon
 from daemon.config import load_settings
-from daemon.status import rejected_files
 from daemon.layout import Layout
+from daemon.status import rejected_files
 
 
 def test_disk_full_during_ingest_loses_nothing_and_recovers(home: Path, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="daemon")
     full = threading.Event()
-    real_write = daemon.fsio.write_bytes_atomically
+    real_write = trainbox.fsio.write_bytes_atomically
 
     def write_unless_full(path, data):  # what a full disk does to every durable write
         if full.is_set():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, data)
-    monkeypatch.setattr(daemon.fsio, "write_bytes_atomically", write_unless_full)
+    monkeypatch.setattr(trainbox.fsio, "write_bytes_atomically", write_unless_full)
     monkeypatch.setattr("daemon.app.STORAGE_RETRY_S", 0.2)
 
     result: list[int] = []

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from daemon.jobfile import load_job_file
 from handlers import modelio
 from handlers.context import load_context
 from handlers.train import run
+from trainbox.jobfile import load_job_file
 from train_fixtures import REPO, demo_examples, make_train_stage, split_by_hash
 
 LABELS = ("ALLOW", "ESCALATION", "DENY", "REFUSE")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import StageFailed
-from daemon.formats import Example
 from handlers import modelio
+from trainbox.errors import StageFailed
+from trainbox.rows import Example
 
 
 def _digests(folder: Path) -> dict[str, str]:

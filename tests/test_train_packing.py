@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daemon.jobspec import LoraSpec
 from handlers import modelio
 from handlers.train.data import (IGNORE, StepBatches, collate, collate_packed, encode_split, group_by_tokens,
                                  real_tokens)
@@ -13,6 +12,7 @@ from handlers.train.loop import token_loss_sum
 from handlers.train.loss import head_cross_entropy
 from handlers.train.model import build_model, packing_is_exact
 from handlers.train.plan import TrainPlan
+from trainbox.jobspec import LoraSpec
 from train_fixtures import demo_examples
 
 

@@ -6,9 +6,6 @@ import json
 import pytest
 import torch
 
-from daemon.errors import StageFailed
-from daemon.formats import Example
-from daemon.jobspec import LoraSpec, TrainSpec
 from daemon.resources import ResourceWatch
 from handlers import modelio
 from handlers.context import load_context
@@ -19,7 +16,10 @@ from handlers.train.data import IGNORE, StepBatches, encode_example
 from handlers.train.model import build_model
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.plan import GIB, TrainPlan, decide_memory, make_plan, model_shape
-from handlers.train.requirements import check_train_requirements
+from trainbox.errors import StageFailed
+from trainbox.jobspec import LoraSpec, TrainSpec
+from trainbox.preflight import train_problems
+from trainbox.rows import Example
 from train_fixtures import make_train_stage, run_stage
 
 PHI35 = {"hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 32064,
@@ -146,11 +146,11 @@ def test_monitor_names_a_module_that_was_deliberately_frozen(tiny, tokenizer):
 
 
 def test_qlora_without_cuda_is_rejected_before_anything_runs(tmp_path):
-    problems = check_train_requirements(TrainSpec(method="qlora", bits=4), cuda_available=False)
-    assert len(problems) == 1
-    assert "qlora needs an NVIDIA GPU with CUDA" in problems[0] and "set train.method: lora" in problems[0]
-    assert check_train_requirements(TrainSpec(method="qlora"), cuda_available=True) == []
-    assert check_train_requirements(TrainSpec(method="auto"), cuda_available=False) == []
+    problems = train_problems(TrainSpec(method="qlora", bits=4), cuda_available=False)
+    assert len(problems) == 1 and problems[0].key == "train.method"
+    assert "qlora needs an NVIDIA GPU with CUDA" in problems[0].message and "set train.method: lora" in problems[0].fix
+    assert train_problems(TrainSpec(method="qlora"), cuda_available=True) == []
+    assert train_problems(TrainSpec(method="auto"), cuda_available=False) == []
 
     stage = make_train_stage(tmp_path, {"train": [Example("a", "text", text="hi")]}, {"method": "qlora"})
     with pytest.raises(StageFailed, match="qlora needs an NVIDIA GPU"):

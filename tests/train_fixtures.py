@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.formats import Example, read_examples
+from trainbox.rows import Example, read_examples
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "configs" / "demo" / "demo_safety.jsonl"

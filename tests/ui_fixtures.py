@@ -8,10 +8,10 @@ import time
 import pytest
 
 from daemon.jobs import new_job
-from daemon.jobspec import JobSpec
 from daemon.layout import Layout
 from daemon.lock import HomeLock
 from daemon.store import Store, utcnow
+from trainbox.jobspec import JobSpec
 
 LOSSES = [3.2, 3.0, 2.7, 2.5, 2.2, 2.0, 1.9, 1.7, 1.6, 1.5, 1.45, 1.4]
 

@@ -65,24 +65,25 @@ def probe(settings: NotifyBackendSettings) -> tuple[bool, str]:
 
 def send(note: Note, settings: NotifyBackendSettings) -> None:
     timeout = settings.timeout_seconds
+    speak = settings.speak or note.speak
     wav = sound_for(note)
     if sys.platform == "win32":
         import winsound
         winsound.PlaySound(str(wav), winsound.SND_FILENAME)
-        if settings.speak:
+        if speak:
             run_command(["powershell", "-NoProfile", "-NonInteractive", "-Command", _SAPI], timeout,
                         env={"TRAINBOX_SAY": note.sentence()})
         return
     if sys.platform == "darwin":
         run_command(["afplay", str(wav)], timeout)
-        if settings.speak:
+        if speak:
             run_command(["say", note.sentence()], timeout)
         return
     player = _linux_player(settings)
     if player is None:
         raise RuntimeError(probe(settings)[1])
     run_command(player + [str(wav)], timeout)
-    if settings.speak and shutil.which("espeak-ng"):
+    if speak and shutil.which("espeak-ng"):
         speak_linux(note.sentence(), player, timeout)
 
 

@@ -8,8 +8,7 @@ from rich.table import Table
 from daemon.config import load_settings, resolve_home
 from daemon.notify.backends import BACKENDS, configured, deliver
 from daemon.notify.note import Note
-
-EXIT_OK, EXIT_FAILED = 0, 1
+from trainbox.protocol import EXIT_FAILED, EXIT_OK
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

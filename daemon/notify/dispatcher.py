@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import NotifySettings
-from daemon.fsio import append_line_durably
 from daemon.layout import Layout
 from daemon.notify.backends import BACKENDS, deliver
 from daemon.notify.note import Note, coalesce
+from trainbox.fsio import append_line_durably
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60.0
@@ -41,13 +41,15 @@ class Notifier:
         self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
         self._thread.start()
 
-    def notify(self, event: str, title: str, message: str, **data: Any) -> None:
-        """Queue a notification for the backends ``settings.events[event]`` names. Never blocks or raises."""
+    def notify(self, event: str, title: str, message: str, *, speak: bool = False, **data: Any) -> None:
+        """Queue a notification for the backends ``settings.events[event]`` names. Never blocks or raises.
+
+        ``speak``: the audio backend also speaks it (a job's ``notify.speak``), as with ``backends.speak``."""
         if not self.settings.events.get(event):
             log.debug("notification %s not routed to any backend: %s", event, title)
             return
         try:
-            self._queue.put_nowait(Note(event, title, message, data))
+            self._queue.put_nowait(Note(event, title, message, data, speak=speak))
         except queue.Full:
             self._dropped += 1  # the worker is stuck far behind; losing a pop-up beats growing without bound
 

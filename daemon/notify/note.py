@@ -24,6 +24,7 @@ class Note:
     data: dict[str, Any] = field(default_factory=dict)
     count: int = 1
     time: float = field(default_factory=time.time)
+    speak: bool = False  # the job asked for speech (its notify.speak), on top of the daemon's own setting
 
     @property
     def good(self) -> bool:
@@ -46,7 +47,8 @@ def coalesce(notes: list[Note], more: bool) -> Note:
     count = sum(n.count for n in notes)
     noun = NOUNS.get(last.event, f"{last.event} events")
     title = f"{count} {'more ' if more else ''}{noun}"
-    return Note(last.event, title, f"latest: {last.title}: {last.message}", dict(last.data), count, last.time)
+    return Note(last.event, title, f"latest: {last.title}: {last.message}", dict(last.data), count, last.time,
+                speak=any(n.speak for n in notes))
 
 
 def run_command(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> None:

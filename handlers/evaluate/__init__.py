@@ -9,9 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
-from daemon.formats import Example
-from handlers.context import StageContext, StageResult
+from handlers.context import StageContext
+from trainbox.errors import StageFailed
+from trainbox.protocol import StageResult
+from trainbox.rows import Example
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("accuracy", "macro_f1", "critical_recall", "ece", "examples_per_s", "latency_p50_ms",

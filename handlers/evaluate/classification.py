@@ -6,11 +6,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from daemon.formats import Example
 from handlers.evaluate import abtest, calibration, latency, scoring
 from handlers.evaluate.metrics import classification_metrics
 from handlers.evaluate.models import BASE, PREVIOUS, TUNED, EvalModels
 from handlers.modelio import prompt_text
+from trainbox.rows import Example
 
 log = logging.getLogger(__name__)
 SHOWN_UNPARSEABLE = 50

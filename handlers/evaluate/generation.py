@@ -8,10 +8,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from daemon.errors import StopRequested
-from daemon.formats import Example
 from handlers.evaluate import textmetrics
 from handlers.modelio import example_messages, prompt_text, render_chat
+from trainbox.errors import StopRequested
+from trainbox.rows import Example
 
 log = logging.getLogger(__name__)
 

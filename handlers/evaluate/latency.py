@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import psutil
 
-from daemon.errors import StopRequested
 from handlers.evaluate.models import BASE, PREVIOUS, TUNED, EvalModels
+from trainbox.errors import StopRequested
 
 log = logging.getLogger(__name__)
 BATCH_REPEATS = 3  # timed batched passes per model and round

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.errors import StageFailed
 from handlers.modelio import load_causal_lm, load_tokenizer, resolve_base_model
+from trainbox.errors import StageFailed
 
 log = logging.getLogger(__name__)
 TUNED, BASE, PREVIOUS = "tuned", "base", "previous"

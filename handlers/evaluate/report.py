@@ -14,8 +14,9 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from daemon.fsio import write_json_atomically, write_text_atomically
 from handlers.evaluate import plots
+from trainbox.fsio import write_json_atomically, write_text_atomically
+from trainbox.numberformat import format_value
 
 RESULTS_SCHEMA_VERSION = 1
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1", "critical_recall", "ece", "latency_p50_ms", "latency_p95_ms",
@@ -124,13 +125,7 @@ def data_uri(path: Path) -> str:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+    return format_value(value, digits, missing="–")  # the report's typography: an en dash for a missing value
 
 
 def _pct(value: Any) -> str:

@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from daemon.errors import StageFailed, StopRequested
-from daemon.formats import Example, classification_target
 from handlers.modelio import render_chat
+from trainbox.errors import StageFailed, StopRequested
+from trainbox.rows import Example, classification_target
 
 log = logging.getLogger(__name__)
 FINAL_RE = re.compile(r"<final>\s*(.*?)\s*(?:</final>|$)", re.DOTALL)

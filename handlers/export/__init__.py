@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed, StopRequested
-from daemon.fsio import write_json_atomically
 from handlers import modelio
-from handlers.context import StageContext, StageResult
+from handlers.context import StageContext
 from handlers.export import merge, modelcard, ollama, verify
 from handlers.export.gguf_arch import arch_spec
 from handlers.export.gguf_writer import write_gguf
-from handlers.export.support import check_export_requirements
 from handlers.export.tokenizer_meta import read_tokenizer_meta
+from trainbox.errors import StageFailed, StopRequested
+from trainbox.fsio import write_json_atomically
+from trainbox.preflight import export_problems
+from trainbox.protocol import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +126,15 @@ def _ollama(ctx: StageContext, out: Path, ggufs: list[dict[str, Any]], tokenizer
 def run(ctx: StageContext) -> StageResult:
     reason = _skip_reason(ctx)
     if reason:
-        return StageResult(skipped=True, message=reason)
+        return StageResult(state="skipped", message=reason)
     spec = ctx.job.export
     name = (ctx.model or {}).get("name") or ctx.job.name
     version = int((ctx.model or {}).get("version") or 1)
     base_ref = str(ctx.results["train"]["summary"]["base_model_path"])
     config_path = Path(base_ref) / "config.json"
-    issues = check_export_requirements(json.loads(config_path.read_text()) if config_path.is_file() else None, spec)
+    issues = export_problems(json.loads(config_path.read_text()) if config_path.is_file() else None, spec)
     if issues:
-        raise StageFailed("; ".join(issues))
+        raise StageFailed("; ".join(p.sentence() for p in issues))
     start = time.perf_counter()
     out = ctx.stage_dir / MODEL_DIR
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts clean

@@ -9,8 +9,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from daemon.errors import StageFailed
-from handlers.export.support import GGUF_LONGROPE_TYPES, SUPPORTED_ARCHITECTURES, architecture_of, supported_list
+from trainbox.errors import StageFailed
+from trainbox.preflight import GGUF_LONGROPE_TYPES, SUPPORTED_ARCHITECTURES, architecture_of, supported_list
 
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 

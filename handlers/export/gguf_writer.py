@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from daemon.errors import StageFailed
 from handlers.export import gguf_arch
 from handlers.export.tensor_stream import TensorStream
 from handlers.export.tokenizer_meta import TokenizerMeta, add_tokenizer_to_writer
+from trainbox.errors import StageFailed
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
 from handlers import modelio
+from trainbox.errors import StageFailed
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.errors import StageFailed
+from trainbox.errors import StageFailed
+from trainbox.preflight import modelfile_unprintable, modelfile_value_problem
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,11 @@ class UnsafeModelfileValue(StageFailed):
     """A value that Ollama's Modelfile parser would not read back as written (it has no escape sequences)."""
 
 
-def _unprintable(value: str) -> list[str]:
-    """Characters Ollama's parser silently drops (Go's strconv.IsPrint is false; newlines and tabs are kept)."""
-    return sorted({f"U+{ord(c):04X}" for c in value if not (c.isprintable() or c in "\n\r\t")})
-
-
 def go_literal(text: str) -> str:
     """Template text that Ollama reads back unchanged: a triple quote and unprintable characters become Go
     string constants, since the Modelfile itself has no escapes and ends a TEMPLATE at the first triple quote."""
     out = text.replace('"""', '{{ "\\"\\"\\"" }}')
-    for code in _unprintable(out):
+    for code in modelfile_unprintable(out):
         c = chr(int(code[2:], 16))
         out = out.replace(c, '{{ "\\U%08X" }}' % ord(c))
     return out
@@ -88,13 +84,9 @@ def quoted(value: str, field: str, triple: bool = False) -> str:
 
     The parser has no escapes: a ``"`` value ends at a quote followed by a space or newline, a triple-quoted one
     at ``\"\"\"``, and unprintable characters vanish. Either form is chosen where it is exact; else refused."""
-    bad = _unprintable(value)
-    if bad:
-        raise UnsafeModelfileValue(f"{field} contains characters that an Ollama Modelfile cannot hold "
-                                   f"({', '.join(bad)}, which ollama create would silently drop); remove them")
-    if '"""' in value:
-        raise UnsafeModelfileValue(f'{field} contains \"\"\", which would end its quoted value in the Modelfile '
-                                   "and turn the rest into Modelfile instructions; remove or rephrase it")
+    problem = modelfile_value_problem(value, field)
+    if problem:
+        raise UnsafeModelfileValue(f"{field} {problem.message}; {problem.fix}")
     if not triple and '"' not in value:
         return f'"{value}"'
     return f'"""{value}"""'

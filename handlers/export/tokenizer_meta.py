@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
+from trainbox.errors import StageFailed
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ from collections import Counter
 
 import numpy as np
 
-from daemon.errors import StageFailed
-from daemon.formats import Example, read_examples
-from daemon.fsio import write_json_atomically, write_text_atomically
-from handlers.context import StageContext, StageResult
+from handlers.context import StageContext
 from handlers.prepare.placeholders import find_placeholders
+from trainbox.errors import StageFailed
+from trainbox.fsio import write_json_atomically, write_text_atomically
+from trainbox.protocol import StageResult
+from trainbox.rows import Example, read_examples
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

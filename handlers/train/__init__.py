@@ -1,14 +1,14 @@
 """Train stage: LoRA / QLoRA fine-tuning with atomic checkpoints and exact resume.
 
-Importing this package stays torch-free (the daemon imports ``handlers.train.requirements``);
-``run`` loads the heavy modules.
+Importing this package stays cheap (torch-free); ``run`` loads the heavy modules.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from handlers.context import StageContext, StageResult
+    from handlers.context import StageContext
+    from trainbox.protocol import StageResult
 
 
 def run(ctx: "StageContext") -> "StageResult":

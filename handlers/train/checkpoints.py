@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.fsio import fsync_dir, write_json_atomically
+from trainbox.fsio import fsync_dir, fsync_folders, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def _write_into(tmp: Path, step: int, kind: str, write_files: Callable[[Path], N
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:  # hashlib and fsync release the GIL
         digests = list(pool.map(_fsync_and_hash, paths))
     files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
-    for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
-        fsync_dir(folder)
+    fsync_folders(tmp)
     manifest = {"step": step, "kind": kind, "time": time.time(), "files": files, **extra}
     write_json_atomically(tmp / MANIFEST, manifest)  # last: its presence means every file above is durable
     return manifest

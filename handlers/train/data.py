@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from daemon.errors import StageFailed
-from daemon.formats import Example
 from handlers.train.rendering import Conversation, conversation, learned
+from trainbox.errors import StageFailed
+from trainbox.rows import Example
 
 log = logging.getLogger(__name__)
 

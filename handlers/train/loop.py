@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import torch
 
-from daemon.errors import StageFailed, StopRequested
 from handlers.context import StageContext
 from handlers.diskspace import best_effort, out_of_space, skipped, until_written
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
@@ -24,6 +23,7 @@ from handlers.train.loss import decoder_of, head_cross_entropy
 from handlers.train.metrics import MetricsLog
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.trainstate import TrainState, save_training_state
+from trainbox.errors import StageFailed, StopRequested
 
 log = logging.getLogger(__name__)
 

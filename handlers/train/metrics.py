@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from daemon.fsio import write_json_atomically, write_text_atomically
 from handlers.diskspace import best_effort
+from trainbox.fsio import write_json_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 

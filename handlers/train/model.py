@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from daemon.errors import StageFailed
-from daemon.jobspec import LoraSpec
 from handlers.modelio import load_causal_lm
 from handlers.train.data import Encoded, collate_packed
 from handlers.train.loss import decoder_of
 from handlers.train.plan import TrainPlan
+from trainbox.errors import StageFailed
+from trainbox.jobspec import LoraSpec
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StageFailed
-from daemon.jobspec import TrainSpec
 from handlers.train.loss import CHUNK_TOKENS
-from handlers.train.requirements import check_train_requirements
+from trainbox.errors import StageFailed
+from trainbox.jobspec import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +180,11 @@ def resolve_device(spec: TrainSpec, ctx_device: str) -> str:
 
 
 def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
-    """Pick the training mode; raises StageFailed for settings this machine cannot run."""
+    """Pick the training mode for settings ``run_train`` has checked against this machine (trainbox.preflight)."""
     import torch
 
     device = resolve_device(spec, ctx_device)
     cuda = device.startswith("cuda")
-    problems = check_train_requirements(spec, cuda_available=cuda)
-    if problems:
-        raise StageFailed("; ".join(problems))
     if spec.precision == "auto":
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else ("float16" if cuda else "float32")
     else:

@@ -13,10 +13,10 @@ from typing import Any
 
 import psutil
 
-from daemon.fsio import read_json, write_json_atomically
 from daemon.gpus import gpu_readings
 from handlers.diskspace import best_effort
 from handlers.train.metrics import utc_stamp
+from trainbox.fsio import read_json, write_json_atomically
 
 log = logging.getLogger(__name__)
 

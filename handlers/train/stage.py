@@ -17,20 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from daemon.errors import StageFailed
-from daemon.fsio import fsync_dir
 from handlers import diskspace
-from handlers.context import StageContext, StageResult
+from handlers.context import StageContext
 from handlers.modelio import load_tokenizer, resolve_base_model
 from handlers.train import data, metrics, progress, rendering
 from handlers.train.checkpoints import newest_complete_checkpoint
 from handlers.train.loop import Flags, TrainRun, train_loop
 from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
-from handlers.train.plan import make_plan, resolve_device, total_steps
-from handlers.train.requirements import check_train_requirements
 from handlers.train.observers import Observers
+from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.trainstate import TrainState, load_training_state
+from trainbox.errors import StageFailed
+from trainbox.fsio import fsync_dir, fsync_tree
+from trainbox.preflight import train_problems
+from trainbox.protocol import StageResult
 
 log = logging.getLogger(__name__)
 # peft imports bitsandbytes, whose CPU backend logs a warning about optional kernels that LoRA never uses
@@ -82,11 +83,7 @@ def save_outputs(stage_dir: Path, model: Any, tokenizer: Any) -> tuple[Path, Pat
         target, tmp = stage_dir / name, stage_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         obj.save_pretrained(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         out.append(target)
@@ -130,9 +127,9 @@ def run_train(ctx: StageContext) -> StageResult:
     spec, stage_dir = ctx.job.train, ctx.stage_dir
     started = time.time()
     device = resolve_device(spec, ctx.device)
-    problems = check_train_requirements(spec, cuda_available=device.startswith("cuda"))
+    problems = train_problems(spec, cuda_available=device.startswith("cuda"))
     if problems:
-        raise StageFailed("; ".join(problems))  # before any model is built or loaded
+        raise StageFailed("; ".join(p.sentence() for p in problems))  # before any model is built or loaded
     base = resolve_base_model(ctx.job.base_model, ctx.home)
     plan = make_plan(spec, device, base)
     configure_torch(plan.device, plan.cpu_threads)

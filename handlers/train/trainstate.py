@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from daemon.errors import StageFailed
 from handlers.train.checkpoints import Checkpoint
+from trainbox.errors import StageFailed
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Load a job YAML into a ``JobSpec``; every error names the file, line, column, key path and fix."""
+"""Load untrusted YAML text into any pydantic model; every error names the file, line, column, key path and fix."""
 from __future__ import annotations
 
 import difflib
@@ -9,11 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from daemon.errors import InvalidInput, Problem
-from daemon.jobspec import JobSpec
-from daemon.untrusted import read_capped
+from trainbox.errors import InvalidInput, Problem
 
-MAX_JOB_BYTES = 64_000  # a job is a few lines; PyYAML reads ~100 kB/s at worst, so this bounds the time too
 # bounds on what a YAML text may build, so a small hostile file (alias "billion laughs", deep nesting)
 # costs milliseconds: values are counted with aliases expanded
 MAX_YAML_DEPTH = 64
@@ -99,16 +96,6 @@ def _check_flow_depth(text: str) -> None:
             line = text.count("\n", 0, match.start())
             raise _TooBig(yaml.Mark("", match.start(), line, match.start() - (text.rfind("\n", 0, match.start()) + 1),
                                     None, None), deep=True)
-
-
-def load_job_file(path: Path, name: str | None = None) -> JobSpec:
-    """Parse and validate a job YAML file (a regular file, never through a link, at most MAX_JOB_BYTES)."""
-    name = name or Path(path).name
-    return parse_job_text(decode_utf8(name, read_capped(Path(path), MAX_JOB_BYTES, name, "job file")), name)
-
-
-def parse_job_text(text: str, name: str) -> JobSpec:
-    return parse_yaml_model(text, name, JobSpec, examples="configs/jobs/*.yaml")
 
 
 M = typing.TypeVar("M", bound=BaseModel)
@@ -259,8 +246,17 @@ def _model_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        model = _find_model(field.annotation) or (JobSpec if extra.get("keys_of") == "JobSpec" else None)
+        model = _find_model(field.annotation) or _keys_of(extra.get("keys_of"))
     return model
+
+
+def _keys_of(name: object) -> type[BaseModel] | None:
+    """The model a free-form dict field declares its keys from (``json_schema_extra={"keys_of": "JobSpec"}``)."""
+    if name != "JobSpec":
+        return None
+    from trainbox.jobspec import JobSpec  # imported here: the job schema is one user of this generic loader
+
+    return JobSpec
 
 
 def _find_model(annotation: object) -> type[BaseModel] | None:

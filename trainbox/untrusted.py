@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from daemon.errors import InvalidInput, Problem
+from trainbox.errors import InvalidInput, Problem
 
 # errors that concern one file (its name, its kind), never the storage: the file is rejected, not retried
 PER_FILE_ERRNOS = frozenset(getattr(errno, name) for name in (

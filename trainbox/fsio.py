@@ -54,6 +54,24 @@ def write_new_file_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def fsync_tree(root: Path) -> None:
+    """Make a folder written aside durable before it is renamed into place: every file, then every directory
+    bottom-up (a directory's entries are durable only once the directory itself is fsynced)."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_folders(root)
+
+
+def fsync_folders(root: Path) -> None:
+    """fsync every directory under ``root`` and ``root`` itself, deepest first."""
+    for folder in sorted({p for p in Path(root).rglob("*") if p.is_dir()} | {Path(root)},
+                         key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(folder)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     write_bytes_atomically(path, text.encode("utf-8"))
 

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.errors import InvalidInput, Problem
-from daemon.jobfile import decode_utf8
+from trainbox.errors import InvalidInput, Problem
+from trainbox.yamlmodel import decode_utf8
 
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "classification", "text")
 THINK_KEYS = ("task", "safety", "policy")

@@ -28,6 +28,11 @@ class Problem:
             text += f"\n    fix: {self.fix}"
         return text
 
+    def sentence(self) -> str:
+        """One line, ``key: message; fix: ...``, for a stage's failure message."""
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        return f"{text}; fix: {self.fix}" if self.fix else text
+
 
 @dataclass
 class InvalidInput(Exception):

@@ -1,0 +1,84 @@
+"""The stage protocol: the files a stage directory holds, the exit codes, and the typed ``stage.json``
+(``StageSpec``, written by the daemon) and ``result.json`` (``StageResult``, written by the stage).
+
+Both sides build and read these files only through these models; field names and values are what users'
+scripts read, so they change only with ``PROTOCOL_VERSION``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from trainbox.fsio import write_json_atomically
+from trainbox.jobspec import JobSpec
+
+STAGE_FILE = "stage.json"
+RESULT_FILE = "result.json"
+PROGRESS_FILE = "progress.json"
+EVENTS_FILE = "events.jsonl"
+LOG_FILE = "stage.log"
+# one set for the CLI and the stage processes: 2 is usage or bad input, 75 (EX_TEMPFAIL) interrupted and resumable
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 75
+PROTOCOL_VERSION = 1
+
+
+class DatasetEntry(BaseModel):
+    """An accepted dataset as a stage sees it (``path`` absolute)."""
+
+    name: str
+    sha256: str
+    path: Path
+    format: str
+    rows: int
+
+
+class StageSpec(BaseModel):
+    """``stage.json``: everything the daemon tells a stage it starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PROTOCOL_VERSION
+    job_id: str
+    stage: str
+    home: Path
+    job: JobSpec
+    datasets: list[DatasetEntry] = []
+    results: dict[str, dict[str, Any]] = {}  # result.json of this job's finished stages, by stage name
+    stage_dirs: dict[str, Path] = {}
+    device: str = "cpu"
+    settings: dict[str, Any] = {}
+    model: dict[str, Any] | None = None  # {"name", "version"}: the registry version this job's model gets
+    previous_model: dict[str, Any] | None = None  # the registry entry before it, for comparison
+
+
+class StageResult(BaseModel):
+    """``result.json``: what a stage hands back: small numbers for the store, paths (relative to the stage
+    dir) of its files, the registry fields of a model it produced, or why it failed."""
+
+    version: int = PROTOCOL_VERSION
+    state: Literal["succeeded", "skipped", "failed"] = "succeeded"
+    summary: dict[str, Any] = {}
+    artifacts: dict[str, str] = {}
+    message: str = ""
+    model: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return self.state == "skipped"
+
+
+def write_record(path: Path, record: StageSpec | StageResult) -> None:
+    """Write ``stage.json`` or ``result.json`` atomically, formatted as every trainbox JSON file."""
+    write_json_atomically(path, record.model_dump(mode="json"))
+
+
+def read_result(stage_dir: Path) -> StageResult:
+    """The stage's ``result.json``; an empty success when the stage wrote none (an old or killed run)."""
+    path = Path(stage_dir) / RESULT_FILE
+    try:
+        return StageResult.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return StageResult()
