@@ -22,7 +22,7 @@ except ImportError:  # not Windows, or pywin32 missing: install() says how to ge
 log = logging.getLogger(__name__)
 HOME_OPTION = "home"  # stored in the service's registry key, read back by SvcDoRun
 PYWIN32_FIX = ("pywin32 is not installed: pip install 'trainbox[windows]' (or pip install pywin32), then run "
-               "'python -m pywin32_postinstall -install' as administrator; or use NSSM instead (see README)")
+               "'python -m pywin32_postinstall -install' as administrator; or use NSSM instead (see docs/operations.md)")
 
 
 def run_service(home: Path, started: threading.Event | None = None) -> int:

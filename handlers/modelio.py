@@ -26,7 +26,7 @@ TINY_CHAT_TEMPLATE = (
     "{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-# Used when a tokenizer has no chat template of its own (documented in the README).
+# Used when a tokenizer has no chat template of its own (documented in docs/training.md).
 DEFAULT_ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n",
                         "tool": "### Tool:\n"}
 TINY_CORPUS = """\

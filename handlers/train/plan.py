@@ -1,7 +1,7 @@
 """Decide how to train on this machine: device, precision, LoRA or QLoRA, gradient checkpointing, tokens per pass.
 
 Memory estimates are deliberately rough (weights + LoRA optimizer state + activations); they only choose
-between modes, and the README says how to force a mode when the guess is wrong.
+between modes, and docs/training.md says how to force a mode when the guess is wrong.
 """
 from __future__ import annotations
 
