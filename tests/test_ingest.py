@@ -158,6 +158,15 @@ def test_unsupported_export_architecture_is_rejected_at_ingest(ingestor: Ingesto
     assert "GGUF export does not support GPT2LMHeadModel" in text and "Phi3ForCausalLM" in text
 
 
+def test_loss_weights_that_would_be_ignored_are_rejected(ingestor: Ingestor) -> None:
+    put(ingestor, "w.yaml", "name: w\ndatasets: [d]\ntrain:\n  loss_weights: {style: 0.5}\n")
+    text = only_rejection(ingestor)
+    assert "w.yaml:4:3: train.loss_weights: loss weights have no effect in this trainbox version" in text
+    assert "remove train.loss_weights from the job" in text
+    put(ingestor, "plain.yaml", "name: plain\ndatasets: [d]\n")
+    assert [j["name"] for j in ingestor.store.all_jobs()] == ["plain"]
+
+
 def test_unavailable_stage_is_rejected(ingestor: Ingestor) -> None:
     put(ingestor, "a.yaml", "name: a\ndatasets: [d]\nstages: [prepare, augment, train]\n")
     assert "augment are not available" in only_rejection(ingestor)
