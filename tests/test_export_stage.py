@@ -113,21 +113,27 @@ def test_merge_keeps_the_base_dtype(tmp_path):
     assert not any("lora" in n for n in model.state_dict())
 
 
-@pytest.mark.slow
-def test_a_llama_cpp_crash_withholds_that_file_and_publishes_the_rest(tmp_path):
-    """llama.cpp really dies of SIGSEGV on the Q8_0 file (test hook, as on CPUs whose AMX kernels crash):
-    the stage succeeds with the F16 file and says which file was withheld, why, and what to do."""
+def export_child_with_llama_cpp_fault(tmp_path: Path, fault: str) -> tuple:
+    """The export stage of builtin:tiny in a real child whose llama.cpp checker fails as ``fault`` says
+    (llama_cpp_check's test hook); the stage must still succeed. Returns its context and result.json."""
     from handlers.export import llama_cpp_check
 
     if not llama_cpp_check.available():
         pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
     base = modelio.resolve_base_model("builtin:tiny", tmp_path)
     ctx = F.export_context(tmp_path, Path(base), model={"name": "tiny-job", "version": 1})
-    env = {**os.environ, llama_cpp_check.FAULT_ENV: "SIGSEGV:q8_0"}
+    env = {**os.environ, llama_cpp_check.FAULT_ENV: fault}
     proc = subprocess.run([sys.executable, "-m", "handlers", "export", str(ctx.stage_dir)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((ctx.stage_dir / "result.json").read_text())
+    return ctx, json.loads((ctx.stage_dir / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_llama_cpp_crash_withholds_that_file_and_publishes_the_rest(tmp_path):
+    """llama.cpp really dies of SIGSEGV on the Q8_0 file (test hook, as on CPUs whose AMX kernels crash):
+    the stage succeeds with the F16 file and says which file was withheld, why, and what to do."""
+    ctx, result = export_child_with_llama_cpp_fault(tmp_path, "SIGSEGV:q8_0")
     model_dir = ctx.stage_dir / "model"
     assert result["model"]["gguf"] == ["tiny-job-f16.gguf"] and "gguf_q8_0" not in result["artifacts"]
     assert not (model_dir / "tiny-job-q8_0.gguf").exists() and (model_dir / "tiny-job-f16.gguf").exists()
@@ -167,17 +173,7 @@ def test_a_stage_killed_by_a_signal_has_a_failure_message(tmp_path):
 def test_a_crash_only_in_llama_cpps_extra_kernels_publishes_the_file_with_a_warning(tmp_path):
     """The AMX-like case: llama.cpp dies only while its extra CPU buffer types are on (test hook); the rerun
     without them verifies the Q8_0 file, which is published, and the crash is reported."""
-    from handlers.export import llama_cpp_check
-
-    if not llama_cpp_check.available():
-        pytest.skip("llama-cpp-python (extra gguf-runtime) is not installed")
-    base = modelio.resolve_base_model("builtin:tiny", tmp_path)
-    ctx = F.export_context(tmp_path, Path(base), model={"name": "tiny-job", "version": 1})
-    env = {**os.environ, llama_cpp_check.FAULT_ENV: "SIGSEGV@extra:q8_0"}
-    proc = subprocess.run([sys.executable, "-m", "handlers", "export", str(ctx.stage_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((ctx.stage_dir / "result.json").read_text())
+    ctx, result = export_child_with_llama_cpp_fault(tmp_path, "SIGSEGV@extra:q8_0")
     assert result["model"]["gguf"] == ["tiny-job-f16.gguf", "tiny-job-q8_0.gguf"]
     assert result["summary"]["withheld"] == {}
     verification = json.loads((ctx.stage_dir / "model" / "verification.json").read_text())

@@ -24,17 +24,12 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` so that a crash leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0o666 (not mkstemp's 0o600) so the umask decides, as for any ordinary file
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    _create_synced(tmp, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -42,6 +37,13 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
 def write_new_file_durably(path: Path, data: bytes) -> None:
     """Create ``path`` with ``data``; FileExistsError if it exists (never replaces a file)."""
     path = Path(path)
+    _create_synced(path, data)
+    fsync_dir(path.parent)
+
+
+def _create_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (FileExistsError if it exists) holding ``data`` on disk; removed again if that fails."""
+    # os.open with 0o666 (not mkstemp's 0o600) so the umask decides, as for any ordinary file
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -51,7 +53,6 @@ def write_new_file_durably(path: Path, data: bytes) -> None:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
 def fsync_tree(root: Path) -> None:
