@@ -73,6 +73,11 @@ def log_tail(path: Path, lines: int) -> str:
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text``, stripped ("" if there is none)."""
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -90,6 +95,6 @@ def failure_message(stage: str, code: int, result_error: str | None, log_path: P
     """Why a stage failed, never empty: a stage killed by a signal writes no result, so its log's last line
     (e.g. Python's "Fatal Python error: Segmentation fault") stands in for it; then the log tail."""
     tail = log_tail(log_path, lines)
-    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    last = last_line(tail)
     detail = result_error or (f"its log ends with: {last}" if last else f"{log_path.name} is empty")
     return f"stage {stage} {describe_exit(code)}: {detail}\n--- last lines of {log_path} ---\n{tail}"

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from daemon import registry
-from daemon.children import (failure_message, is_stage_process, log_tail, send_stop, start_stage_process,
-                             stop_orphan)
+from daemon.children import (failure_message, is_stage_process, last_line, log_tail, send_stop,
+                             start_stage_process, stop_orphan)
 from daemon.config import DaemonSettings
 from daemon.control import cancel_idle_job
 from daemon.jobs import job_outcome
@@ -199,8 +199,7 @@ class Supervisor:
             self._finish(run.job_id, "cancelled")
         elif code == EXIT_INTERRUPTED and run.stop_reason is None:
             # nobody asked it to stop: the stage stopped itself on a condition that clears (a full disk)
-            tail = log_tail(run.stage_dir / LOG_FILE, 20)
-            last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+            last = last_line(log_tail(run.stage_dir / LOG_FILE, 20))
             self._stage_ended(run, "interrupted", None)
             wait = self.settings.supervisor.self_stop_resume_seconds
             self._finish(run.job_id, "interrupted", f"stage {run.stage} stopped itself and is resumable; trainbox "
