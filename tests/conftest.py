@@ -1,6 +1,8 @@
 """Shared fixtures: a trainbox home with fast daemon settings, and a real daemon child process."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -8,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import yaml
@@ -115,3 +117,34 @@ def drop(inbox: Path, name: str, content: str | bytes) -> Path:
     tmp.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     os.replace(tmp, inbox / name)
     return inbox / name
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
+    """``mount_point`` on its own tmpfs of ``size_mb`` (a real full disk for the test; needs root, as CI has)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill_disk(disk: Path, leave: int = 0) -> Path:
+    """Write a file until the filesystem has no byte left, then give ``leave`` bytes back; deleting the file
+    gives the rest back."""
+    filler = disk / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    if leave:
+        with open(filler, "r+b") as fh:
+            fh.truncate(filler.stat().st_size - leave)
+    return filler

@@ -2,15 +2,13 @@
 interrupted with the reason and resumed by the daemon on its own once there is space again."""
 from __future__ import annotations
 
-import errno
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import FAST_SETTINGS, DaemonProcess, drop, read_store, wait_for
+from conftest import FAST_SETTINGS, DaemonProcess, drop, fill_disk, mounted_tmpfs, read_store, wait_for
 from daemon.layout import Layout
 
 JOB = {"name": "full-disk", "datasets": ["rows.jsonl"], "base_model": "builtin:tiny", "stages": ["prepare"]}
@@ -21,33 +19,12 @@ MARGIN = 160 * 1024  # left free for the daemon's own small writes (store, logs,
 @pytest.fixture()
 def home_on_a_small_disk(tmp_path: Path):
     """A home on its own 4 MB tmpfs (one filesystem, as trainbox's renames need)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    home = disk / "home"
-    Layout(home).create()
-    settings = {**FAST_SETTINGS, "supervisor": {**FAST_SETTINGS["supervisor"], "self_stop_resume_seconds": 1.0}}
-    (home / "daemon.yaml").write_text(yaml.safe_dump(settings))
-    yield disk, home
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill_leaving(disk: Path, free_bytes: int) -> Path:
-    """Fill ``disk`` to the last byte, then give ``free_bytes`` back."""
-    filler = disk / "filler.bin"
-    with open(filler, "wb", buffering=0) as fh:
-        for size in (1 << 16, 4096):
-            try:
-                while True:
-                    fh.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    with open(filler, "r+b") as fh:
-        fh.truncate(filler.stat().st_size - free_bytes)
-    return filler
+    with mounted_tmpfs(tmp_path / "disk", 4) as disk:
+        home = disk / "home"
+        Layout(home).create()
+        settings = {**FAST_SETTINGS, "supervisor": {**FAST_SETTINGS["supervisor"], "self_stop_resume_seconds": 1.0}}
+        (home / "daemon.yaml").write_text(yaml.safe_dump(settings))
+        yield disk, home
 
 
 @pytest.mark.slow
@@ -56,7 +33,7 @@ def test_a_stage_that_finds_the_disk_full_is_interrupted_and_resumes_by_itself(h
     data = "".join(json.dumps({"text": f"row {i}: " + "lorem ipsum " * 16}) + "\n" for i in range(ROWS)).encode()
     daemon = DaemonProcess(home).wait_ready()
     try:
-        filler = fill_leaving(disk, len(data) + MARGIN)  # room for the dataset, not for its splits too
+        filler = fill_disk(disk, leave=len(data) + MARGIN)  # room for the dataset, not for its splits too
         drop(home / "inbox", "rows.jsonl", data)
         drop(home / "inbox", "job.yaml", yaml.safe_dump(JOB))
 

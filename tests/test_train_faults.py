@@ -6,7 +6,6 @@ filled to the last byte while a real ``python -m handlers train DIR`` child is t
 """
 from __future__ import annotations
 
-import errno
 import json
 import re
 import signal
@@ -16,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fill_disk, mounted_tmpfs
 from handlers.train.checkpoints import newest_complete_checkpoint
 from train_fixtures import (adapter_tensors, demo_examples, make_train_stage, metric_rows, run_stage, split_by_hash,
-                            start_stage, wait_for_step)
+                            start_stage, uninterrupted_run, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -37,36 +37,14 @@ def splits():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, splits):
-    root = tmp_path_factory.mktemp("reference")
-    stage = make_train_stage(root, splits, TRAIN)
-    assert run_stage(stage) == 0, (root / "job" / "child.log").read_text()
-    return stage
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), splits, TRAIN)
 
 
 @pytest.fixture()
 def small_disk(tmp_path):
     """``tmp_path/job/train`` on its own tmpfs of DISK_MB."""
-    mount_point = tmp_path / "job" / "train"
-    mount_point.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the filesystem has no byte left; deleting it gives the space back."""
-    filler = disk / "filler.bin"
-    with open(filler, "wb", buffering=0) as fh:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    fh.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
+    with mounted_tmpfs(tmp_path / "job" / "train", DISK_MB) as mount_point:
+        yield mount_point
 
 
 def wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -94,7 +72,7 @@ def test_a_full_disk_mid_training_waits_for_space_and_completes_exactly(referenc
     log = tmp_path / "job" / "child.log"
     proc = start_stage(stage)
     wait_for_step(proc, stage, 3)
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     # side writes are skipped while training goes on; the final checkpoint waits for space
     wait_for_log(log, "waiting for free space", proc)
     assert "not written: No space left on device" in log.read_text()
@@ -116,7 +94,7 @@ def test_a_stop_while_the_disk_is_full_exits_75_and_resumes_exactly(reference, s
     proc = start_stage(stage)
     wait_for_step(proc, stage, 3)
     before = newest_complete_checkpoint(stage / "checkpoints")
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     wait_for_log(log, "not written: No space left on device", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, log.read_text()

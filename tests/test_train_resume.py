@@ -19,7 +19,7 @@ import pytest
 
 from handlers.train.checkpoints import MANIFEST, list_complete_checkpoints, newest_complete_checkpoint
 from train_fixtures import (REPO, adapter_tensors, demo_examples, kill, make_train_stage, metric_rows, run_stage,
-                            split_by_hash, start_stage, wait_for_step)
+                            split_by_hash, start_stage, uninterrupted_run, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,8 @@ def splits():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, splits):
     """One uninterrupted run: the numbers every interrupted run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    stage = make_train_stage(root, splits, TRAIN, settings={"resources": {"ram_percent": 0.0}})
-    assert run_stage(stage) == 0, (root / "job" / "child.log").read_text()
-    return stage
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), splits, TRAIN,
+                             settings={"resources": {"ram_percent": 0.0}})
 
 
 def _stage_like(reference: Path, tmp_path: Path, splits) -> Path:

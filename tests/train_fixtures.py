@@ -64,6 +64,14 @@ def run_stage(stage_dir: Path, timeout: float = 240) -> int:
     return start_stage(stage_dir).wait(timeout=timeout)
 
 
+def uninterrupted_run(root: Path, splits: dict[str, list[Example]], train: dict[str, Any],
+                      **stage_kwargs: Any) -> Path:
+    """A train stage run to the end in a child: the numbers an interrupted run must reproduce."""
+    stage = make_train_stage(root, splits, train, **stage_kwargs)
+    assert run_stage(stage) == 0, (root / "job" / "child.log").read_text()
+    return stage
+
+
 def metric_rows(stage_dir: Path) -> list[dict[str, Any]]:
     path = stage_dir / "metrics" / "training_metrics.jsonl"
     if not path.exists():
