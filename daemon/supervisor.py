@@ -263,9 +263,8 @@ class Supervisor:
                                  run.job_id)
         out = {k: str(dest / Path(v).relative_to(src)) if Path(v).is_relative_to(src) else v
                for k, v in artifacts.items()}
-        if "exported" in job["spec"]["notify"]["on"]:
-            self.notify("model_exported", f"trainbox exported {job['name']} v{job['model']['version']}",
-                        f"{message}\n{dest}".strip(), speak=job["spec"]["notify"]["speak"], job_id=run.job_id)
+        self._notify_job(job, "exported", "model_exported",
+                         f"trainbox exported {job['name']} v{job['model']['version']}", f"{message}\n{dest}".strip())
         return out
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
@@ -309,11 +308,14 @@ class Supervisor:
         detail = error.splitlines()[0] if error else (job_outcome(job) if state == "succeeded" else "")
         self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}" + (f": {detail}" if detail else ""),
                              job_id=job_id)
-        if state in job["spec"]["notify"]["on"]:
-            self.notify(f"job_{state}", f"{job['name']} {state}", detail or job_id,
-                        speak=job["spec"]["notify"]["speak"], job_id=job_id)
+        self._notify_job(job, state, f"job_{state}", f"{job['name']} {state}", detail or job_id)
         log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
                 f": {error or detail}" if (error or detail) else "")
+
+    def _notify_job(self, job: dict, event: str, kind: str, title: str, body: str) -> None:
+        """Notify about ``job`` when its ``notify.on`` lists ``event``, spoken too when it sets ``notify.speak``."""
+        if event in job["spec"]["notify"]["on"]:
+            self.notify(kind, title, body, speak=job["spec"]["notify"]["speak"], job_id=job["id"])
 
     def _check_waiting(self) -> None:
         limit = self.settings.notify.waiting_too_long_seconds
@@ -323,10 +325,8 @@ class Supervisor:
                 continue
             if now - datetime.fromisoformat(job["created_at"]).timestamp() > limit:
                 self.store.update_job(job["id"], {"waiting_notified": True})
-                if "waiting" in job["spec"]["notify"]["on"]:
-                    self.notify("job_waiting_too_long", f"trainbox: {job['name']} is waiting",
-                                f"no dataset matches {job['spec']['datasets']}",
-                                speak=job["spec"]["notify"]["speak"], job_id=job["id"])
+                self._notify_job(job, "waiting", "job_waiting_too_long", f"trainbox: {job['name']} is waiting",
+                                 f"no dataset matches {job['spec']['datasets']}")
 
     # requests and shutdown -------------------------------------------------
     def cancel(self, job_id: str) -> None:
