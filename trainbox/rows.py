@@ -15,6 +15,10 @@ from trainbox.errors import InvalidInput, Problem
 from trainbox.yamlmodel import decode_utf8
 
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "classification", "text")
+# what produced a row (the augment stage sets it) and the loss term that trains it (train.loss_weights)
+ROW_KINDS = ("original", "style_transfer", "scenario", "relationship", "hard_negative", "preference")
+LOSS_TERM_OF_KIND = {"original": "generation", "scenario": "generation", "style_transfer": "style",
+                     "relationship": "relationship", "hard_negative": "contrastive", "preference": "contrastive"}
 THINK_KEYS = ("task", "safety", "policy")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
@@ -43,6 +47,13 @@ class Example:
     label: str | None = None
     think: dict[str, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # provenance and preference pairs: ``kind`` is one of ROW_KINDS; ``source_id`` the id of the row a generated
+    # row was made from; a pair row ("hard_negative", "preference") holds the prompt turns in ``messages`` (ending
+    # with the user turn) and the two answers in ``chosen`` / ``rejected``
+    kind: str = "original"
+    source_id: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
