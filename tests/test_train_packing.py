@@ -86,7 +86,8 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
 def _full_logits_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = F.cross_entropy(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
     loss.backward()
     return loss.detach(), _lora_grads(model)
