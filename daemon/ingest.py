@@ -222,6 +222,8 @@ class Ingestor:
             self.store.datasets.insert(doc)
         move_durably(claim, self.layout.home / rel)
         log.info("dataset %s accepted: %d %s rows (%s)", name, info.rows, info.format, info.sha256[:12])
+        for note in info.notes:
+            log.info("%s", note)
         self.store.add_event("dataset_ingested", f"{name}: {info.rows} {info.format} rows", sha256=info.sha256)
         self.link_waiting_jobs()
 

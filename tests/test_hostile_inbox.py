@@ -232,13 +232,13 @@ def test_a_dataset_over_the_size_limit_is_rejected_unread(tmp_path: Path) -> Non
     assert "over the 1000-byte limit for a dataset" in text and "limits.max_dataset_mb" in text
 
 
-def test_preference_pairs_are_explained_once_with_the_count(ing: Ingestor) -> None:
+def test_a_bad_preference_pair_is_explained_once_with_the_count(ing: Ingestor) -> None:
     row = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
-           "rejected": {"from": "gpt", "value": "b"}}
+           "rejected": {"from": "human", "value": "b"}}
     put(ing, "dpo.jsonl", "".join(json.dumps(row) + "\n" for _ in range(40)))
     text = reasons(ing)["dpo.jsonl"]
-    assert text.count("preference pairs") == 1 and "the same on 39 more line(s)" in text
-    assert "jq -c '{conversations: (.conversations + [.chosen])}' dpo.jsonl > sft-dpo.jsonl" in text
+    assert text.count("'rejected' must be the assistant's answer") == 1 and "the same on 39 more line(s)" in text
+    assert "a preference pair is the prompt" in text
 
 
 # jobs that could never start ----------------------------------------------------------------------

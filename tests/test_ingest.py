@@ -16,7 +16,7 @@ from daemon.store import Store
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FORMATS = {"messages.jsonl": "messages", "sharegpt.jsonl": "sharegpt", "alpaca.jsonl": "alpaca",
            "prompt_completion.jsonl": "prompt_completion", "text.jsonl": "text",
-           "safety_think.jsonl": "classification"}
+           "safety_think.jsonl": "classification", "preference.jsonl": "preference", "kto.jsonl": "kto"}
 
 
 class Sent(list):
@@ -158,13 +158,12 @@ def test_unsupported_export_architecture_is_rejected_at_ingest(ingestor: Ingesto
     assert "GGUF export does not support GPT2LMHeadModel" in text and "Phi3ForCausalLM" in text
 
 
-def test_loss_weights_that_would_be_ignored_are_rejected(ingestor: Ingestor) -> None:
-    put(ingestor, "w.yaml", "name: w\ndatasets: [d]\ntrain:\n  loss_weights: {style: 0.5}\n")
-    text = only_rejection(ingestor)
-    assert "w.yaml:4:3: train.loss_weights: loss weights have no effect in this trainbox version" in text
-    assert "remove train.loss_weights from the job" in text
-    put(ingestor, "plain.yaml", "name: plain\ndatasets: [d]\n")
-    assert [j["name"] for j in ingestor.store.all_jobs()] == ["plain"]
+def test_loss_weights_are_accepted_and_a_negative_weight_is_rejected(ingestor: Ingestor) -> None:
+    put(ingestor, "w.yaml", "name: w\ndatasets: [d]\ntrain:\n  loss_weights: {style: 0.5, contrastive: 0.2}\n")
+    jobs = ingestor.store.all_jobs()
+    assert [j["name"] for j in jobs] == ["w"]
+    put(ingestor, "neg.yaml", "name: neg\ndatasets: [d]\ntrain:\n  loss_weights: {style: -1}\n")
+    assert "train.loss_weights.style" in only_rejection(ingestor)
 
 
 def test_unavailable_stage_is_rejected(ingestor: Ingestor) -> None:

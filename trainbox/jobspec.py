@@ -71,12 +71,24 @@ class MonitorSpec(Strict):
 
 
 class LossWeights(Strict):
-    """Weights of the loss terms; rows carry their kind in metadata (augmentation sets it)."""
+    """Weights of the four loss terms; a row's ``kind`` (set by the augment stage, or ``preference`` for pairs a
+    user dropped) says which term trains it. Presets: stronger style 0.5, relationship 0.4, contrastive 0.2."""
 
-    generation: float = Field(1.0, ge=0, description="Weight of the ordinary next-token loss.")
-    style: float = Field(0.0, ge=0, description="Weight of style-transfer rows (from augmentation).")
-    relationship: float = Field(0.0, ge=0, description="Weight of relationship-variant rows.")
-    contrastive: float = Field(0.0, ge=0, description="Weight of the contrastive (hard-negative) term.")
+    generation: float = Field(1.0, ge=0, description="Token loss on original rows (and the chosen answer of "
+                              "preference pairs, see `train.preference.learn_chosen`).")
+    style: float = Field(0.3, ge=0, description="Token loss on style-transfer and scenario rows (augment stage).")
+    relationship: float = Field(0.2, ge=0, description="Token loss on relationship rows (augment stage).")
+    contrastive: float = Field(0.1, ge=0, description="Preference loss between the chosen and rejected answer of "
+                               "preference pairs and hard negatives (SimPO-style, reference-free).")
+
+
+class PreferenceSpec(Strict):
+    """The contrastive term: SimPO's margin loss on length-normalised log-likelihoods."""
+
+    beta: float = Field(2.0, gt=0, description="Scale of the log-likelihood difference (SimPO's beta).")
+    margin: float = Field(0.5, ge=0, description="Target margin between chosen and rejected (SimPO's gamma).")
+    learn_chosen: bool = Field(True, description="Also learn a pair's chosen answer as a generation target (unless "
+                               "the same prompt and answer already is a training row); never the rejected one.")
 
 
 class TrainSpec(Strict):
@@ -104,7 +116,8 @@ class TrainSpec(Strict):
     checkpoint: CheckpointSpec = Field(CheckpointSpec(), description="Checkpoint timing and retention.")
     progress_log: ProgressLogSpec = Field(ProgressLogSpec(), description="Progress log timing.")
     monitor: MonitorSpec = Field(MonitorSpec(), description="Parameter-update monitor.")
-    loss_weights: LossWeights = Field(LossWeights(), description="Weights of loss terms by row kind.")
+    loss_weights: LossWeights = Field(LossWeights(), description="Weights of the loss terms by row kind.")
+    preference: PreferenceSpec = Field(PreferenceSpec(), description="Preference (contrastive) loss settings.")
     tensorboard: bool = Field(
         False, description="Also write TensorBoard event files to tensorboard/ (pip install 'trainbox[tensorboard]').")
     profile: str | None = Field(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbox.errors import Problem
-from trainbox.jobspec import ExportSpec, JobSpec, LossWeights, TrainSpec
+from trainbox.jobspec import ExportSpec, JobSpec, TrainSpec
 from trainbox.stages import STAGES
 
 BASE_MODEL_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -42,11 +42,6 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
                                 fix="remove 'kind: sweep' and the 'sweep:' section to run one configuration"))
     if "train" in spec.stages:
         problems += train_problems(spec.train, cuda_available=gpu_count > 0)
-        if spec.train.loss_weights != LossWeights():
-            # accepted-but-ignored would mislead: the weighted terms need rows tagged by kind (the augment stage)
-            problems.append(Problem("loss weights have no effect in this trainbox version: every row is trained "
-                                    "with the ordinary next-token loss until the augment stage tags rows by kind",
-                                    key="train.loss_weights", fix="remove train.loss_weights from the job"))
         if spec.train.method == "qlora" and gpu_count and importlib.util.find_spec("bitsandbytes") is None:
             problems.append(Problem("QLoRA needs bitsandbytes, which is not installed", key="train.method",
                                     fix="pip install 'trainbox[gpu]'"))

@@ -14,10 +14,11 @@ from typing import Any, Iterator
 from trainbox.errors import InvalidInput, Problem
 from trainbox.yamlmodel import decode_utf8
 
-FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "classification", "text")
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "classification", "text", "preference", "kto")
 # what produced a row (the augment stage sets it) and the loss term that trains it (train.loss_weights)
 ROW_KINDS = ("original", "style_transfer", "scenario", "relationship", "hard_negative", "preference")
-LOSS_TERM_OF_KIND = {"original": "generation", "scenario": "generation", "style_transfer": "style",
+# scenario rows are rewrites like style transfers: weighted as style so generated rows never outweigh the originals
+LOSS_TERM_OF_KIND = {"original": "generation", "scenario": "style", "style_transfer": "style",
                      "relationship": "relationship", "hard_negative": "contrastive", "preference": "contrastive"}
 THINK_KEYS = ("task", "safety", "policy")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -30,8 +31,12 @@ FORMAT_HELP = (
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}, '
     '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}, '
     '{"prompt": "...", "completion": "..."}, {"instruction": "...", "input": "...", "output": "..."}, '
-    '{"text": "...", "label": "ALLOW"} or {"text": "..."}'
+    '{"text": "...", "label": "ALLOW"} or {"text": "..."}; preference pairs: '
+    '{"conversations": [...], "chosen": {"from": "gpt", "value": "..."}, "rejected": {...}}, '
+    '{"prompt": "...", "chosen": "...", "rejected": "..."} or {"messages": [...], "chosen": "...", "rejected": "..."}; '
+    'KTO: {"messages": [..., {"role": "assistant", "content": "..."}], "label": true}'
 )
+PAIR_KINDS = ("hard_negative", "preference")
 
 
 @dataclass
@@ -72,6 +77,7 @@ class DatasetInfo:
     labels: dict[str, int]
     sha256: str
     bytes: int
+    notes: list[str] = field(default_factory=list)  # what was done to rows on the way in (said in the logs)
 
 
 def classification_target(label: str, think: dict[str, str] | None) -> str:
@@ -83,6 +89,10 @@ def classification_target(label: str, think: dict[str, str] | None) -> str:
 
 
 def detect_format(row: dict) -> str | None:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if isinstance(row.get("label"), bool) and ("messages" in row or "completion" in row):
+        return "kto"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -127,7 +137,8 @@ def _need_str(row: dict, key: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _messages(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _messages(turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, str],
+              prompt_only: bool = False) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
         raise RowError(f"'{key}' must be a non-empty list of turns")
     out = []
@@ -143,11 +154,73 @@ def _messages(turns: Any, key: str, role_key: str, text_key: str, roles: dict[st
         if _loss_weight(turn, f"{key}[{i}]", role) == 0 and role == "assistant":
             message["loss_weight"] = 0  # a turn shown to the model but not learned
         out.append(message)
+    if prompt_only:
+        if out[-1]["role"] not in ("user", "tool"):
+            raise RowError(f"'{key}' of a preference pair must end with the user turn that 'chosen' and "
+                           f"'rejected' answer (it ends with a {out[-1]['role']} turn)")
+        return out
     if not any(m["role"] == "assistant" for m in out):
-        raise RowError(f"'{key}' has no assistant turn to learn from"
-                       + ("; preference pairs (chosen/rejected) are not a supported format yet"
-                          if "chosen" in key else ""))
+        raise RowError(f"'{key}' has no assistant turn to learn from")
     return out
+
+
+def _answer(value: Any, key: str) -> str:
+    """One side of a preference pair: a string, a turn ({"from": "gpt", "value"} or {"role": "assistant",
+    "content"}) or a list holding that one assistant turn."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict) and ("value" in value or "content" in value):
+        role = value.get("from", value.get("role", "assistant"))
+        if SHAREGPT_ROLES.get(role) != "assistant":
+            raise RowError(f"'{key}' must be the assistant's answer (its role is {role!r})")
+        text = _text_of(value.get("value", value.get("content")), key)
+    else:
+        raise RowError(f"'{key}' must be the answer: a string, an assistant turn such as "
+                       '{"from": "gpt", "value": "..."}, or a list holding that one turn')
+    if not text.strip():
+        raise RowError(f"'{key}' is empty")
+    return text
+
+
+def _preference(row: dict, ex: "Example") -> set[str]:
+    """Fill a pair row: the prompt turns (ending with the user turn) and the two answers."""
+    if "chosen" not in row or "rejected" not in row:
+        raise RowError("a preference pair needs both 'chosen' and 'rejected'")
+    if "conversations" in row:
+        ex.messages = _messages(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES, True)
+        used = {"conversations"}
+    elif "messages" in row:
+        ex.messages = _messages(row["messages"], "messages", "role", "content", {r: r for r in CHAT_ROLES}, True)
+        used = {"messages"}
+    elif "prompt" in row:
+        prompt = row["prompt"]
+        ex.messages = ([{"role": "user", "content": _need_str(row, "prompt")}] if not isinstance(prompt, list)
+                       else _messages(prompt, "prompt", "role", "content", {r: r for r in CHAT_ROLES}, True))
+        used = {"prompt"}
+    else:
+        raise RowError("a preference pair needs its prompt: 'conversations', 'messages' or 'prompt'")
+    ex.chosen, ex.rejected = _answer(row["chosen"], "chosen"), _answer(row["rejected"], "rejected")
+    if ex.chosen.strip() == ex.rejected.strip():
+        raise RowError("'chosen' and 'rejected' are the same answer: the pair teaches nothing; drop the row")
+    ex.kind = "preference"
+    return used | {"chosen", "rejected"}
+
+
+def _kto(row: dict, ex: "Example") -> set[str]:
+    """A KTO row: one answer and whether it is desirable (``label``); paired up in ``pair_kto_rows``."""
+    if "messages" in row:
+        ex.messages = _messages(row["messages"], "messages", "role", "content", {r: r for r in CHAT_ROLES})
+        if ex.messages[-1]["role"] != "assistant":
+            raise RowError("a KTO row's 'messages' must end with the assistant answer that 'label' judges")
+        used = {"messages"}
+    else:
+        ex.messages = [{"role": "user", "content": _need_str(row, "prompt", True)},
+                       {"role": "assistant", "content": _need_str(row, "completion")}]
+        used = {"prompt", "completion"}
+    ex.label = "desirable" if row["label"] else "undesirable"
+    return used | {"label"}
 
 
 def _loss_weight(turn: dict, where: str, role: str) -> float | None:
@@ -187,10 +260,11 @@ def normalize_row(row: dict, fmt: str) -> Example:
     if fmt == "messages":
         ex.messages = _messages(row["messages"], "messages", "role", "content", {r: r for r in CHAT_ROLES})
         used = {"messages"}
+    elif fmt == "preference":
+        used = _preference(row, ex)
+    elif fmt == "kto":
+        used = _kto(row, ex)
     elif fmt == "sharegpt":
-        if "chosen" in row or "rejected" in row:
-            raise RowError("preference pairs (chosen/rejected) are not a supported format yet; "
-                           "drop the SFT conversations without 'chosen'/'rejected'")
         ex.messages = _messages(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
         used = {"conversations"}
     elif fmt == "prompt_completion":
@@ -223,7 +297,7 @@ def normalize_row(row: dict, fmt: str) -> Example:
         used = {"text"}
     else:
         raise RowError(f"unknown format {fmt}")
-    if fmt in ("messages", "sharegpt") and "tools" in row:
+    if fmt in ("messages", "sharegpt", "preference") and "tools" in row:
         _check_tools(row)  # kept in meta; the train stage renders it
     ex.meta = {k: v for k, v in row.items() if k not in used}
     ex.id = hashlib.sha256(json.dumps([fmt, row], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -270,11 +344,9 @@ def _json_problem(line: str, exc: ValueError | RecursionError) -> Problem:
 
 
 def _row_fix(row: object, name: str) -> str | None:
-    if isinstance(row, dict) and ("chosen" in row or "rejected" in row):  # preference (DPO) data: its SFT half
-        if "conversations" in row:
-            return (f"to fine-tune on the preferred answers now: jq -c '{{conversations: (.conversations + "
-                    f"[.chosen])}}' {name} > sft-{name} (then drop sft-{name})")
-        return "keep the prompt and the 'chosen' reply as an SFT row (messages or prompt/completion); drop 'rejected'"
+    if isinstance(row, dict) and ("chosen" in row or "rejected" in row):
+        return ("a preference pair is the prompt ('conversations', 'messages' or 'prompt') and two answers, "
+                "'chosen' and 'rejected' (strings or assistant turns)")
     return None
 
 
@@ -316,6 +388,7 @@ def read_examples(path: Path, name: str | None = None,
                            "binary file")
     problems: list[Problem] = []
     examples: list[Example] = []
+    lines: list[int] = []
     fmt: str | None = None
     fmt_line = 0
     bad = 0
@@ -344,6 +417,7 @@ def read_examples(path: Path, name: str | None = None,
                 raise RowError(f"this row is '{row_fmt}' but line {fmt_line} is '{fmt}': mixed formats in one "
                                "file; split them into one file per format")
             examples.append(normalize_row(row, fmt))
+            lines.append(number)
         except (RowError, RecursionError) as exc:
             bad += 1
             message = str(exc) if isinstance(exc, RowError) else TOO_DEEP
@@ -363,10 +437,56 @@ def read_examples(path: Path, name: str | None = None,
         raise InvalidInput(name, problems, f"{bad} bad line(s){more}; nothing was imported")
     if not examples:
         raise InvalidInput(name, [Problem("the file has no data lines", fix=FORMAT_HELP)], "empty dataset")
+    notes: list[str] = []
+    if fmt == "kto":
+        examples, note = pair_kto_rows(name, examples, lines)
+        notes.append(note)
     labels: dict[str, int] = {}
     for ex in examples:
         if ex.label is not None:
             labels[ex.label] = labels.get(ex.label, 0) + 1
     info = DatasetInfo(format=fmt or "", rows=len(examples), labels=labels,
-                       sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+                       sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), notes=notes)
     return info, examples
+
+
+def pair_kto_rows(name: str, rows: list[Example], lines: list[int]) -> tuple[list[Example], str]:
+    """KTO rows to what trainbox trains: a desirable answer is a target; an undesirable one becomes the rejected
+    side of a preference pair with the first desirable answer to the same prompt, or is dropped (never a target).
+
+    Returns the rows and a sentence saying what happened (with the lines of dropped rows)."""
+    good: dict[str, Example] = {}
+    for ex in rows:
+        if ex.label == "desirable":
+            good.setdefault(json.dumps(ex.messages[:-1], sort_keys=True), ex)
+    out: list[Example] = []
+    paired, dropped = 0, []
+    for ex, line in zip(rows, lines):
+        desirable, ex.label = ex.label == "desirable", None
+        if desirable:
+            out.append(ex)
+            continue
+        match = good.get(json.dumps(ex.messages[:-1], sort_keys=True))
+        if match is None:
+            dropped.append(line)
+            continue
+        pair = Example(id="", format="kto", messages=ex.messages[:-1], meta=ex.meta, kind="preference",
+                       source_id=ex.id, chosen=match.messages[-1]["content"], rejected=ex.messages[-1]["content"])
+        pair.id = hashlib.sha256(json.dumps(["kto-pair", pair.messages, pair.chosen, pair.rejected],
+                                            sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+        out.append(pair)
+        paired += 1
+    desirable = len(rows) - paired - len(dropped)
+    note = (f"{name}: KTO rows: {desirable} desirable answer(s) trained as targets, {paired} undesirable answer(s) "
+            "paired with a desirable answer to the same prompt as preference pairs (the rejected side)")
+    if dropped:
+        shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
+        note += (f", {len(dropped)} undesirable answer(s) dropped on line(s) {shown}: no desirable answer to the "
+                 "same prompt to pair them with, and an undesirable answer is never trained as a target (add a "
+                 "desirable answer to those prompts to use them)")
+    if not out:
+        raise InvalidInput(name, [Problem("every row is an undesirable KTO answer (label false) and none has a "
+                                          "desirable answer to the same prompt: nothing to train",
+                                          line=dropped[0] if dropped else None,
+                                          fix="add rows with label true for the same prompts")], "nothing to train")
+    return out, note

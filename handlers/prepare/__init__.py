@@ -43,6 +43,10 @@ def run(ctx: StageContext) -> StageResult:
         formats[info.format] += info.rows
         rows += examples
         log.info("read %s: %d %s rows", ref.name, info.rows, info.format)
+        for note in info.notes:
+            log.info("%s", note)
+            if "dropped" in note:  # rows of the file that are not trained: the job's message says so too
+                warnings.append(note)
         report = find_placeholders(ref.path, ref.name)
         if report is not None:
             warnings.append(report.warning())
