@@ -77,3 +77,26 @@ def test_several_datasets_are_concatenated_deduplicated_and_shuffled_by_seed(tmp
     assert order(run_prepare(tmp_path / "b", [a, b, dup], seed=1)) == order(stage)
     assert order(run_prepare(tmp_path / "c", [b, a, dup], seed=1)) == order(stage), "input order does not matter"
     assert order(run_prepare(tmp_path / "d", [a, b, dup], seed=2)) != order(stage)
+
+
+def test_kto_undesirable_answers_are_never_targets(tmp_path: Path) -> None:
+    rows = []
+    for i in range(30):
+        prompt = [{"role": "user", "content": f"question {i}"}]
+        rows.append({"messages": prompt + [{"role": "assistant", "content": f"good answer {i}"}], "label": True})
+        if i < 20:  # 20 undesirable answers pair up; the 5 below have no desirable answer to their prompt
+            rows.append({"messages": prompt + [{"role": "assistant", "content": f"bad answer {i}"}], "label": False})
+    for i in range(5):
+        rows.append({"messages": [{"role": "user", "content": f"lonely {i}"},
+                                  {"role": "assistant", "content": f"bad lonely {i}"}], "label": False})
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    stage = run_prepare(tmp_path / "a", [data])
+    out = [Example.from_json(line) for name in ("train", "val", "test")
+           for line in (stage / "splits" / f"{name}.jsonl").read_text().splitlines()]
+    pairs = [ex for ex in out if ex.kind == "preference"]
+    targets = [m["content"] for ex in out if ex.kind != "preference" for m in ex.messages if m["role"] == "assistant"]
+    assert len(out) == 50 and len(pairs) == 20 and all(t.startswith("good") for t in targets)
+    assert all(p.rejected.startswith("bad") and p.chosen.startswith("good") for p in pairs)
+    result = json.loads((stage / "result.json").read_text())
+    assert "5 undesirable answer(s) dropped on line(s) 51, 52, 53, 54, 55" in result["message"]

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from handlers.train.checkpoints import MANIFEST, list_complete_checkpoints, newest_complete_checkpoint
-from train_fixtures import (REPO, adapter_tensors, demo_examples, kill, make_train_stage, metric_rows, run_stage,
-                            split_by_hash, start_stage, uninterrupted_run, wait_for_step)
+from handlers.train.metrics import LOSS_TERMS
+from train_fixtures import (REPO, adapter_tensors, all_kinds_examples, demo_examples, kill, make_train_stage,
+                            metric_rows, run_stage, split_by_hash, start_stage, uninterrupted_run, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +44,20 @@ def reference(tmp_path_factory, splits):
                              settings={"resources": {"ram_percent": 0.0}})
 
 
-def _stage_like(reference: Path, tmp_path: Path, splits) -> Path:
+def _stage_like(reference: Path, tmp_path: Path, splits, train: dict = TRAIN) -> Path:
     # share the reference's model cache so the tiny model is built once per module
-    return make_train_stage(tmp_path, splits, TRAIN, home=reference.parents[2] / "home")
+    return make_train_stage(tmp_path, splits, train, home=reference.parents[2] / "home")
 
 
-def _assert_same_run(stage: Path, reference: Path) -> None:
+def _assert_same_run(stage: Path, reference: Path, total: int = TOTAL) -> None:
     got, want = metric_rows(stage), metric_rows(reference)
-    assert [r["step"] for r in got] == list(range(1, TOTAL + 1))
+    assert [r["step"] for r in got] == list(range(1, total + 1))
     for a, b in zip(got, want):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6, rel=0), f"step {a['step']}"
+        for key in ("loss", *LOSS_TERMS):
+            if b[key] is None:
+                assert a[key] is None, f"step {a['step']} {key}"
+            else:
+                assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), f"step {a['step']} {key}"
         assert a["learning_rate"] == pytest.approx(b["learning_rate"], abs=1e-12)
         if b["eval_loss"] is not None:
             assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-6, rel=0)
@@ -78,6 +83,35 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(reference, splits, tmp_pa
     resumed = result["summary"]["resumed_from_step"]
     assert resumed is not None and 0 < resumed <= killed_at and resumed % 4 == 0, (seen, killed_at, resumed)
     _assert_same_run(stage, reference)
+
+
+KINDS_TOTAL = 16
+KINDS_TRAIN = {**TRAIN, "max_steps": KINDS_TOTAL}
+
+
+@pytest.fixture(scope="module")
+def all_kinds(tmp_path_factory, reference):
+    """Originals, style / scenario / relationship rows and hard-negative pairs, and one uninterrupted run."""
+    splits = split_by_hash(all_kinds_examples())
+    return splits, uninterrupted_run(tmp_path_factory.mktemp("kinds"), splits, KINDS_TRAIN,
+                                     home=reference.parents[2] / "home", settings={"resources": {"ram_percent": 0.0}})
+
+
+def test_sigkill_then_resume_is_exact_for_every_loss_term(all_kinds, tmp_path):
+    splits, reference = all_kinds
+    want = metric_rows(reference)
+    for key in LOSS_TERMS:  # every term has rows in some step
+        assert any(r[key] is not None for r in want), key
+    assert all(r["loss_contrastive"] is not None for r in want)
+    stage = _stage_like(reference, tmp_path, splits, KINDS_TRAIN)
+    target = random.Random(SEED).randint(5, KINDS_TOTAL - 4)
+    proc = start_stage(stage)
+    wait_for_step(proc, stage, target)
+    assert kill(proc, signal.SIGKILL) == -signal.SIGKILL
+    assert metric_rows(stage)[-1]["step"] < KINDS_TOTAL, "the child finished before it could be killed"
+    assert run_stage(stage) == 0, (tmp_path / "job" / "child.log").read_text()
+    assert json.loads((stage / "result.json").read_text())["summary"]["resumed_from_step"] >= 4
+    _assert_same_run(stage, reference, KINDS_TOTAL)
 
 
 def test_sigterm_saves_an_emergency_checkpoint_exits_75_and_resume_completes(reference, splits, tmp_path):

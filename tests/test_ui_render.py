@@ -99,3 +99,16 @@ def test_sparkline_and_duration():
     assert sparkline(range(100), 10) == "▁▂▃▃▄▅▆▆▇█"
     assert sparkline([2.0, 2.0], 5) == "▁▁" and sparkline([], 5) == ""
     assert [duration(s) for s in (5, 65, 3725, 2 * 86400 + 7200)] == ["5s", "1m05s", "1h02m", "2d02h"]
+
+
+def test_the_loss_line_shows_each_term_of_a_multi_task_step():
+    from daemon.ui import running_job
+
+    job = {"name": "persona", "id": "j1", "device": "cpu", "stage": "train", "stages": [{"name": "train"}]}
+    progress = {"step": 3, "total_steps": 10, "loss": 1.5, "loss_generation": 1.2, "loss_style": 1.4,
+                "loss_relationship": None, "loss_contrastive": 0.61}
+    out = _text(running_job(job, {"progress": progress, "losses": [1.9, 1.5]}, 120), 120)
+    assert "1.5000 (min 1.5000)  gen 1.200 style 1.400 con 0.610" in out, out
+    plain = _text(running_job(job, {"progress": {**progress, "loss_style": None, "loss_contrastive": None},
+                                    "losses": [1.5]}, 120), 120)
+    assert "gen " not in plain  # one term: the loss says it all

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainbox.rows import Example, read_examples
+from trainbox.rows import Example, classification_target, read_examples
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "configs" / "demo" / "demo_safety.jsonl"
@@ -19,6 +19,31 @@ DEMO_DATA = REPO / "configs" / "demo" / "demo_safety.jsonl"
 
 def demo_examples() -> list[Example]:
     return read_examples(DEMO_DATA)[1]
+
+
+REGISTERS = {"style_transfer": "Formally: ", "scenario": "At the office: ", "relationship": "Dear manager, "}
+
+
+def all_kinds_examples(n: int = 120) -> list[Example]:
+    """Originals and, from them, rows of every kind the augment stage writes: rewritten prompts tagged
+    style_transfer / scenario / relationship (same answer), and hard-negative pairs whose rejected side is
+    another label's answer. Built here so train tests do not depend on the augment stage."""
+    originals = demo_examples()[:n]
+    labels = sorted({ex.label for ex in originals})
+    out = list(originals)
+    for i, ex in enumerate(originals):
+        kind = list(REGISTERS)[i % 3]
+        user = {"role": "user", "content": REGISTERS[kind] + ex.text}
+        answer = {"role": "assistant", "content": classification_target(ex.label, ex.think)}
+        out.append(Example(id=f"{kind[:4]}{ex.id[4:]}", format="messages", messages=[user, answer], kind=kind,
+                           source_id=ex.id))
+        if i % 2 == 0:
+            wrong = labels[(labels.index(ex.label) + 1) % len(labels)]
+            out.append(Example(id=f"hneg{ex.id[4:]}", format="messages", kind="hard_negative", source_id=ex.id,
+                               messages=[{"role": "user", "content": ex.text}],
+                               chosen=classification_target(ex.label, ex.think),
+                               rejected=classification_target(wrong, ex.think)))
+    return out
 
 
 def split_by_hash(examples: list[Example], val: float = 0.1, test: float = 0.15) -> dict[str, list[Example]]:

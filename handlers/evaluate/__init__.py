@@ -12,7 +12,7 @@ from typing import Any
 from handlers.context import StageContext
 from trainbox.errors import StageFailed
 from trainbox.protocol import StageResult
-from trainbox.rows import Example
+from trainbox.rows import PAIR_KINDS, Example
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("accuracy", "macro_f1", "critical_recall", "ece", "examples_per_s", "latency_p50_ms",
@@ -29,6 +29,14 @@ def read_split(ctx: StageContext, split: str) -> list[Example]:
                           "splits (stages: [prepare, train, evaluate])") from exc
     text = Path(path).read_text(encoding="utf-8")
     return [Example.from_json(line) for line in text.splitlines() if line.strip()]
+
+
+def chosen_conversation(ex: Example) -> Example:
+    """A preference pair as the conversation it should produce: its prompt turns and the chosen answer."""
+    if ex.kind not in PAIR_KINDS:
+        return ex
+    return Example(id=ex.id, format="messages", meta=ex.meta, kind=ex.kind, source_id=ex.source_id,
+                   messages=[*(ex.messages or []), {"role": "assistant", "content": ex.chosen or ""}])
 
 
 def _labels(ctx: StageContext, rows: list[Example]) -> list[str]:
@@ -79,7 +87,7 @@ def run(ctx: StageContext) -> StageResult:
         val = read_split(ctx, "val")
         results = evaluate_classification(ctx, models, test, val, _labels(ctx, [*test, *val]))
     else:
-        results = evaluate_generation(ctx, models, test)
+        results = evaluate_generation(ctx, models, [chosen_conversation(ex) for ex in test])
     artifacts = write_reports(ctx.stage_dir, results, ctx.job, ctx.model)
     summary = summarize(results)
     report = str((ctx.stage_dir / artifacts["report"]).resolve())

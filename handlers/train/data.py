@@ -3,11 +3,13 @@
 Conversations are rendered with the tokenizer's chat template (``rendering``, tools included). The loss covers
 only assistant turns (their content and end-of-turn token; not those with ``loss_weight: 0``), the completion
 of prompt/completion rows and the label (with its thinking sections) of classification rows; plain ``text``
-rows are learned whole.
+rows are learned whole. Every row carries the loss term its ``kind`` trains (``TERMS``); a preference pair
+is one unit of two sequences (chosen, then rejected) that always share a micro-batch.
 The data order is a function of (seed, epoch) only, so the global step alone says where training is.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +17,41 @@ from typing import Any
 
 import torch
 
+from handlers.modelio import example_messages
 from handlers.train.rendering import Conversation, conversation, learned
 from trainbox.errors import StageFailed
-from trainbox.rows import Example
+from trainbox.rows import LOSS_TERM_OF_KIND, PAIR_KINDS, Example
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
+TERMS = ("generation", "style", "relationship")  # token-loss terms; a row's ``term`` is its index here
+NOT_A_TARGET = len(TERMS)  # a pair's answer that no token term learns (always the rejected one)
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    term: int = 0  # index into TERMS of the term its label tokens train, or NOT_A_TARGET
+    rejected: "Encoded | None" = None  # on the chosen side of a preference pair: the answer it must beat
 
     @property
     def loss_tokens(self) -> int:
         return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+    @property
+    def sequences(self) -> list["Encoded"]:
+        """What goes into a micro-batch for this unit: the row, or a pair's chosen and rejected sequences."""
+        return [self] if self.rejected is None else [self, self.rejected]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.sequences)
+
+    @property
+    def width(self) -> int:
+        return max(len(s.input_ids) for s in self.sequences)
 
 
 def read_split(path: Path) -> list[Example]:
@@ -98,14 +118,41 @@ def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     return Encoded(ids, [t if m else IGNORE for t, m in zip(ids, mask)])
 
 
-def encode_split(tokenizer: Any, examples: list[Example], max_len: int, name: str) -> list[Encoded]:
+def _turns(messages: list[dict[str, Any]] | None) -> str:
+    return json.dumps([(m["role"], m["content"]) for m in messages or []], ensure_ascii=False)
+
+
+def _pair_sides(ex: Example) -> tuple[Example, Example]:
+    """The chosen and the rejected conversation of a pair row; earlier assistant turns are context, not learned."""
+    prompt = [{**m, "loss_weight": 0} if m["role"] == "assistant" else m for m in ex.messages or []]
+    return tuple(Example(id=ex.id, format="messages", meta=ex.meta,  # type: ignore[return-value]
+                         messages=[*prompt, {"role": "assistant", "content": answer}])
+                 for answer in (ex.chosen or "", ex.rejected or ""))
+
+
+def encode_split(tokenizer: Any, examples: list[Example], max_len: int, name: str,
+                 learn_chosen: bool = True) -> list[Encoded]:
+    """Encode a split: each row with its loss term, each pair as one unit (chosen carrying rejected).
+
+    A pair's chosen answer is also a generation target when ``learn_chosen`` and the same prompt and answer
+    is not already a row of the split (an augment-mined hard negative's chosen side is its source row)."""
+    targets = {_turns(example_messages(ex)) for ex in examples if ex.kind not in PAIR_KINDS}
     out, dropped, truncated = [], 0, 0
     for ex in examples:
-        enc = encode_example(tokenizer, ex, max_len)
-        if enc.loss_tokens == 0:
+        if ex.kind in PAIR_KINDS:
+            chosen_ex, rejected_ex = _pair_sides(ex)
+            learned = learn_chosen and _turns(chosen_ex.messages) not in targets
+            enc = encode_example(tokenizer, chosen_ex, max_len)
+            enc.term = TERMS.index("generation") if learned else NOT_A_TARGET
+            enc.rejected = encode_example(tokenizer, rejected_ex, max_len)
+            enc.rejected.term = NOT_A_TARGET
+        else:
+            enc = encode_example(tokenizer, ex, max_len)
+            enc.term = TERMS.index(LOSS_TERM_OF_KIND.get(ex.kind, "generation"))
+        if any(s.loss_tokens == 0 for s in enc.sequences):
             dropped += 1
             continue
-        truncated += len(enc.input_ids) == max_len
+        truncated += any(len(s.input_ids) == max_len for s in enc.sequences)
         out.append(enc)
     if dropped:
         log.warning("%s: %d row(s) have nothing to learn within max_seq_length %d and were skipped; "
@@ -115,35 +162,56 @@ def encode_split(tokenizer: Any, examples: list[Example], max_len: int, name: st
     return out
 
 
-def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels."""
+def _pairs(units: list[Encoded]) -> torch.Tensor:
+    """(pairs, 2) sequence numbers of each pair's chosen and rejected sequence in the flattened units."""
+    pairs, seq = [], 0
+    for u in units:
+        if u.rejected is not None:
+            pairs.append((seq, seq + 1))
+        seq += len(u.sequences)
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+
+
+def collate(units: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch, one sequence per row: input_ids, attention_mask, labels, terms (per token), seq
+    (the sequence number of each token) and pairs."""
+    rows = [s for u in units for s in u.sequences]
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
+    terms = torch.full((len(rows), width), NOT_A_TARGET, dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         ids[i, :n] = torch.tensor(r.input_ids)
         labels[i, :n] = torch.tensor(r.labels)
         attn[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        terms[i, :n] = r.term
+    seq = torch.arange(len(rows))[:, None].expand(-1, width).contiguous()
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "terms": terms, "seq": seq,
+            "pairs": _pairs(units)}
 
 
-def collate_packed(rows: list[Encoded]) -> dict[str, torch.Tensor]:
-    """All rows back to back in one sequence, without padding: input_ids, position_ids, labels.
+def collate_packed(units: list[Encoded]) -> dict[str, torch.Tensor]:
+    """All rows back to back in one sequence, without padding: input_ids, position_ids, labels, and terms, seq
+    and pairs as in ``collate``.
 
     Position ids restart at 0 with every row; transformers reads the restarts as sequence boundaries
     (block-diagonal mask for SDPA/eager, ``cu_seqlens`` for FlashAttention), so no row attends to another.
     The first label of each row is IGNORE because the token before it belongs to the previous row; the
     padded path never learns a row's first token either (the loss starts at position 1).
     """
-    ids, labels, positions = [], [], []
-    for r in rows:
+    ids, labels, positions, terms, seq = [], [], [], [], []
+    for i, r in enumerate(s for u in units for s in u.sequences):
+        n = len(r.input_ids)
         ids += r.input_ids
         labels += [IGNORE, *r.labels[1:]]
-        positions += range(len(r.input_ids))
+        positions += range(n)
+        terms += [r.term] * n
+        seq += [i] * n
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-            "labels": torch.tensor([labels])}
+            "labels": torch.tensor([labels]), "terms": torch.tensor([terms]), "seq": torch.tensor([seq]),
+            "pairs": _pairs(units)}
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -156,21 +224,22 @@ def group_by_tokens(rows: list[Encoded], budget: int, packed: bool) -> list[list
     """Consecutive groups of ``rows`` that each fit ``budget`` tokens (a longer row goes alone).
 
     Packed, a group costs the sum of its row lengths; padded, rows are first sorted by length (stable, so
-    the grouping stays a function of the rows alone) and a group costs rows x its longest row.
+    the grouping stays a function of the rows alone) and a group costs rows x its longest row. A pair
+    counts as its two sequences and is never split.
     """
     if not packed:
-        rows = sorted(rows, key=lambda r: len(r.input_ids))
+        rows = sorted(rows, key=lambda r: r.width)
     groups: list[list[Encoded]] = []
-    used = widest = 0
+    used = widest = count = 0
     for r in rows:
-        n = len(r.input_ids)
-        cost = used + n if packed else (len(groups[-1]) + 1 if groups else 1) * max(widest, n)
+        n, k = r.width, len(r.sequences)
+        cost = used + r.tokens if packed else (count + k) * max(widest, n)
         if groups and cost <= budget:
             groups[-1].append(r)
-            used, widest = used + n, max(widest, n)
+            used, widest, count = used + r.tokens, max(widest, n), count + k
         else:
             groups.append([r])
-            used, widest = n, n
+            used, widest, count = r.tokens, n, k
     return groups
 
 
@@ -187,7 +256,7 @@ class StepBatches:
                  token_budget: int | None = None, packed: bool = True):
         self.rows, self.batch_size, self.accumulation = rows, batch_size, accumulation
         self.seed, self.pad_id = seed, pad_id
-        self.token_budget = token_budget or batch_size * max((len(r.input_ids) for r in rows), default=1)
+        self.token_budget = token_budget or batch_size * max((r.width for r in rows), default=1)
         self.packed = packed
         self.rows_per_step = batch_size * accumulation
         self.steps_per_epoch = max(1, -(-len(rows) // self.rows_per_step))

@@ -18,10 +18,11 @@ import torch
 from handlers.context import StageContext
 from handlers.diskspace import best_effort, out_of_space, skipped, until_written
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
-from handlers.train.data import IGNORE, StepBatches, real_tokens
-from handlers.train.loss import decoder_of, head_cross_entropy
-from handlers.train.metrics import MetricsLog
+from handlers.train.data import StepBatches, real_tokens
+from handlers.train.metrics import LOSS_TERMS, MetricsLog
 from handlers.train.monitor import UpdateMonitor
+from handlers.train.objective import Objective, StepCounts, micro_loss, micro_terms, step_record
+from handlers.train.objective import token_loss_sum as token_loss_sum  # the validation loss; tests use it
 from handlers.train.trainstate import TrainState, save_training_state
 from trainbox.errors import StageFailed, StopRequested
 
@@ -54,6 +55,7 @@ class TrainRun:
     checkpoint_root: Path
     keep: int
     every_steps: int | None
+    objective: Objective = Objective((1.0, 0.0, 0.0), 0.0, 2.0, 0.5)
     write_progress_log: Callable[[dict[str, Any]], None] = lambda fields: None
     on_row: Callable[[dict[str, Any]], None] = lambda row: None
     on_event: Callable[..., None] = lambda kind, message, **data: None
@@ -62,54 +64,43 @@ class TrainRun:
     checkpoint_seconds: float = 0.0
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the label tokens of a batch, and how many there were.
-
-    The decoder runs once; the output head and the loss then run only on the label positions, chunk by chunk
-    (``loss.head_cross_entropy``), so neither the prompt's logits nor a float32 copy of all logits exist.
-    """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = decoder_of(model)(**inputs).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    loss = head_cross_entropy(model, hidden[:, :-1][keep], targets[keep])
-    return loss, int(keep.sum())
-
-
 def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_step(run: TrainRun, step: int) -> dict[str, Any]:
-    """One optimizer step over its micro-batches; the loss is the mean over all label tokens of the step."""
+    """One optimizer step over its micro-batches; the loss is the weighted sum of the terms (``objective``),
+    each a mean over the whole step, so grouping rows into micro-batches never changes it."""
     micro = run.batches.micro_batches(step)
-    n_label = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+    counts = StepCounts.of(micro)
     lr = run.scheduler.get_last_lr()[0]
-    total = 0.0
+    parts = []
     for mb in micro:
-        loss_sum, _n = token_loss_sum(run.model, _to(mb, run.device))
-        (loss_sum / n_label).backward()
-        total += float(loss_sum.detach())
+        part = micro_terms(run.model, _to(mb, run.device), run.objective)
+        micro_loss(part, counts, run.objective).backward()
+        parts.append(part)
+    record = step_record(parts, counts, run.objective)
     run.monitor.after_backward()
     params = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": total / n_label, "learning_rate": lr, "grad_norm": grad_norm,
+    return {**record, "learning_rate": lr, "grad_norm": grad_norm,
             "tokens": sum(real_tokens(mb) for mb in micro), "samples": len(run.batches.step_rows(step))}
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: str) -> float:
-    """Token-mean loss over the validation batches (dropout off; no RNG is consumed)."""
+def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: str) -> float | None:
+    """Token-mean loss over the target tokens of the validation batches (dropout off; no RNG is consumed);
+    None when they have none (pairs whose chosen answers are not learned)."""
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
         loss_sum, n = token_loss_sum(model, _to(batch, device))
         total, count = total + float(loss_sum), count + n
     model.train()
-    return total / max(count, 1)
+    return total / count if count else None
 
 
 def _write_checkpoint(run: TrainRun, kind: str) -> Checkpoint:
@@ -167,7 +158,8 @@ def _checkpoint_kind(run: TrainRun, epoch_end: bool) -> str | None:
 def progress_fields(run: TrainRun, row: dict[str, Any], step_seconds: float) -> dict[str, Any]:
     remaining = run.total_steps - run.state.step
     return {"epoch": row["epoch"], "step": run.state.step, "total_steps": run.total_steps, "loss": row["loss"],
-            "learning_rate": row["learning_rate"], "samples_per_s": row["samples_per_s"],
+            **{k: row[k] for k in LOSS_TERMS}, "learning_rate": row["learning_rate"],
+            "samples_per_s": row["samples_per_s"],
             "tokens_per_s": row["tokens_per_s"], "eta_s": round(remaining * step_seconds, 1)}
 
 
@@ -195,13 +187,14 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
         state.train_seconds += elapsed
         epoch_end = index + 1 == run.batches.steps_per_epoch
         row = {"step": state.step, "epoch": round(epoch + (index + 1) / run.batches.steps_per_epoch, 4),
-               "loss": out["loss"], "learning_rate": out["learning_rate"], "grad_norm": out["grad_norm"],
+               "loss": out["loss"], **{k: out[k] for k in (*LOSS_TERMS, "preference_accuracy")},
+               "learning_rate": out["learning_rate"], "grad_norm": out["grad_norm"],
                "tokens_per_s": round(out["tokens"] / elapsed, 2), "samples_per_s": round(out["samples"] / elapsed, 3),
                "elapsed_s": round(state.train_seconds, 3), "time": time.time()}
         due_eval = (run.eval_every and state.step % run.eval_every == 0) or epoch_end or state.step == run.total_steps
         if run.val_batches and due_eval:
             row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device)
-            row["perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+            row["perplexity"] = math.exp(min(row["eval_loss"], 50.0)) if row["eval_loss"] is not None else None
         run.metrics.append(row)
         run.on_row(row)
         fields = progress_fields(run, row, step_seconds)

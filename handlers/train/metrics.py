@@ -21,9 +21,11 @@ from trainbox.fsio import write_json_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s",
-           "eval_loss", "perplexity", "elapsed_s", "time")
-SUMMARY_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s", "eval_loss", "perplexity")
+LOSS_TERMS = ("loss_generation", "loss_style", "loss_relationship", "loss_contrastive")  # null: no rows of it
+COLUMNS = ("step", "epoch", "loss", *LOSS_TERMS, "preference_accuracy", "learning_rate", "grad_norm",
+           "tokens_per_s", "samples_per_s", "eval_loss", "perplexity", "elapsed_s", "time")
+SUMMARY_METRICS = ("loss", *LOSS_TERMS, "preference_accuracy", "learning_rate", "grad_norm", "tokens_per_s",
+                   "samples_per_s", "eval_loss", "perplexity")
 JSONL = "metrics/training_metrics.jsonl"
 CSV = "metrics/training_metrics.csv"
 PLOT = "plots/training_curves.png"
@@ -109,7 +111,8 @@ def metric_stats(history: list[dict[str, Any]]) -> dict[str, dict[str, float | N
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
-    """Four panels: loss with eval loss, learning rate, grad norm, throughput."""
+    """Four panels: loss with eval loss and every loss term that has values, learning rate, grad norm,
+    throughput."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display in a daemon child
@@ -120,12 +123,14 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    panels = [(axes[0][0], ("loss", "eval_loss"), "loss"), (axes[0][1], ("learning_rate",), "learning rate"),
+    terms = tuple(t for t in LOSS_TERMS if any(r.get(t) is not None for r in history))
+    panels = [(axes[0][0], ("loss", "eval_loss", *terms), "loss"), (axes[0][1], ("learning_rate",), "learning rate"),
               (axes[1][0], ("grad_norm",), "grad norm"), (axes[1][1], ("tokens_per_s",), "tokens/s")]
     for ax, keys, title in panels:
         for key in keys:
             xs, ys = series(key)
-            ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, markersize=3, label=key)
+            ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, markersize=3, label=key,
+                    linewidth=0.8 if key in LOSS_TERMS else 1.5)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -25,6 +25,7 @@ from handlers.train.checkpoints import newest_complete_checkpoint
 from handlers.train.loop import Flags, TrainRun, train_loop
 from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
+from handlers.train.objective import Objective
 from handlers.train.observers import Observers
 from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.trainstate import TrainState, load_training_state
@@ -101,12 +102,29 @@ def load_rows(ctx: StageContext,
     for warning in warnings:
         log.warning("%s", warning)
         ctx.emit_event("data_warning", warning)
-    train_rows = data.encode_split(tokenizer, train_examples, spec.max_seq_length, "train")
-    val_rows = (data.encode_split(tokenizer, data.read_split(val_file), spec.max_seq_length, "val")
+    learn_chosen = spec.preference.learn_chosen
+    train_rows = data.encode_split(tokenizer, train_examples, spec.max_seq_length, "train", learn_chosen)
+    val_rows = (data.encode_split(tokenizer, data.read_split(val_file), spec.max_seq_length, "val", learn_chosen)
                 if val_file.exists() else [])
     if not train_rows:
         raise StageFailed(f"{train_file}: no training rows; add rows to the dataset or lower prepare.split.val/test")
+    log_terms(train_rows, Objective.of(spec), train_file)
     return train_rows, val_rows, [train_file, val_file], warnings
+
+
+def log_terms(rows: list[data.Encoded], objective: Objective, train_file: Path) -> None:
+    """Say which loss terms this data feeds and with what weight; fail when no weighted term has rows."""
+    units = {name: sum(1 for r in rows if r.rejected is None and r.term == k) for k, name in enumerate(data.TERMS)}
+    units["contrastive"] = sum(1 for r in rows if r.rejected is not None)
+    weights = dict(zip(data.TERMS, objective.weights), contrastive=objective.contrastive)
+    log.info("loss terms: %s", ", ".join(f"{name} x{weights[name]:g} ({n} rows)" for name, n in units.items()))
+    learned_chosen = sum(1 for r in rows if r.rejected is not None and r.term != data.NOT_A_TARGET)
+    if learned_chosen:
+        log.info("%d chosen answer(s) of preference pairs are also generation targets", learned_chosen)
+    if not any(weights[name] > 0 and (n or (name == "generation" and learned_chosen)) for name, n in units.items()):
+        raise StageFailed(f"{train_file}: nothing to learn: every loss term with rows has weight 0 "
+                          f"({', '.join(f'{k} {n} rows' for k, n in units.items() if n)}); raise "
+                          "train.loss_weights for those terms")
 
 
 def resume_or_start(root: Path, model: Any, optimizer: Any, scheduler: Any,
@@ -158,7 +176,7 @@ def run_train(ctx: StageContext) -> StageResult:
         metrics=metrics.MetricsLog(stage_dir, state.history), monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
-        every_steps=spec.checkpoint.every_steps)
+        every_steps=spec.checkpoint.every_steps, objective=Objective.of(spec))
     state.history = run.metrics.history  # the checkpoint carries the rows written so far
     observers = Observers.start(ctx, run)
     try:
@@ -198,6 +216,9 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
     summary = {
         "base_model_path": base, "total_steps": run.total_steps, "final_loss": final.get("loss"),
         "min_loss": min(losses) if losses else None, "final_eval_loss": evals[-1] if evals else None,
+        "final_loss_terms": {t: next((r[t] for r in reversed(history) if r.get(t) is not None), None)
+                             for t in metrics.LOSS_TERMS},
+        "loss_weights": ctx.job.train.loss_weights.model_dump(),
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2),
         "resumed_from_step": resumed_from, "method": plan.method, "device": plan.device, "dtype": plan.dtype,
