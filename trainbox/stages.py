@@ -9,6 +9,7 @@ STAGES: dict[str, str] = {
     "prepare": "handlers.prepare",
     "train": "handlers.train",
     "evaluate": "handlers.evaluate",
+    "augment": "handlers.augment",
     "export": "handlers.export",
 }
 
