@@ -36,8 +36,10 @@ def test_persona_augmented_job_runs_every_stage(home: Path) -> None:
     augment, train = stages["augment"]["summary"], stages["train"]["summary"]
     original = stages["prepare"]["summary"]["rows"]["train"]
     assert augment["rows_original"] == original and augment["rows_total"] == 3 * original
-    pairs = augment["rows_per_kind"].get("hard_negative", 0)
-    assert train["train_rows"] == augment["rows_total"] - pairs  # trained on the augmented split, pairs aside
+    assert augment["rows_per_kind"]["hard_negative"] > 0
+    assert train["train_rows"] == augment["rows_total"]  # the augmented split, pairs feeding the contrastive term
+    assert all(train["final_loss_terms"][t] is not None
+               for t in ("loss_generation", "loss_style", "loss_relationship", "loss_contrastive"))
     assert f"{original} -> {3 * original}, 3.00x" in stages["augment"]["message"]
 
     show = subprocess.run([sys.executable, "-m", "daemon.cli", "show", done["id"], "--home", str(home)],

@@ -101,10 +101,6 @@ def load_rows(ctx: StageContext,
     spec = ctx.job.train
     train_file, val_file = split_file(ctx, "train"), split_file(ctx, "val")
     train_examples = data.read_split(train_file)
-    pairs = [ex for ex in train_examples if ex.rejected is not None]
-    if pairs:  # preference pairs feed the contrastive term; a rejected answer is never a plain target
-        log.info("%s: %d preference pair row(s) are not trained as plain targets", train_file.name, len(pairs))
-        train_examples = [ex for ex in train_examples if ex.rejected is None]
     warnings = [w for w in (rendering.tool_warning(tokenizer, train_examples, "train split"),) if w]
     for warning in warnings:
         log.warning("%s", warning)
