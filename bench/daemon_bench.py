@@ -66,7 +66,7 @@ def latency(mode: str, drops: int) -> list[float]:
         proc = start_daemon(home, settings)
         inbox = home / "inbox"
         (inbox / "data.jsonl").write_text('{"text": "hello"}\n')
-        wait_until(lambda: len(Store.for_home(home, readonly=True).datasets) == 1)
+        wait_until(lambda: Store.for_home(home, readonly=True).dataset_count() == 1)
         out = []
         for i in range(drops):
             body = f"name: lat{i}\ndatasets: [data]\nstages: [prepare]\n"
@@ -78,7 +78,7 @@ def latency(mode: str, drops: int) -> list[float]:
                     fh.write(body)
             t0 = time.monotonic()
             store = Store.for_home(home, readonly=True)
-            t1 = wait_until(lambda store=store, n=i + 1: len(store.jobs) == n)
+            t1 = wait_until(lambda store=store, n=i + 1: len(store.all_jobs()) == n)
             out.append(t1 - t0)
         stop_daemon(proc)
     return out
@@ -96,8 +96,8 @@ def bulk(files: int) -> tuple[float, int]:
         t0 = time.monotonic()
         for p in staging.iterdir():  # "dropped at once": renamed in as fast as the OS allows
             os.replace(p, home / "inbox" / p.name)
-        t1 = wait_until(lambda: len(Store.for_home(home, readonly=True).datasets) == files, timeout=600, poll=0.1)
-        count = len(Store.for_home(home, readonly=True).datasets)
+        t1 = wait_until(lambda: Store.for_home(home, readonly=True).dataset_count() == files, timeout=600, poll=0.1)
+        count = Store.for_home(home, readonly=True).dataset_count()
         stop_daemon(proc)
     return t1 - t0, count
 

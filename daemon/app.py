@@ -25,7 +25,7 @@ from daemon.layout import Layout
 from daemon.lock import HomeLock
 from daemon.notify import Notifier
 from daemon.resources import ResourceWatch, daemon_snapshot
-from daemon.store import Q, Store, utcnow
+from daemon.store import Store, utcnow
 from daemon.supervisor import Supervisor
 from trainbox.protocol import EXIT_OK
 
@@ -175,7 +175,7 @@ def _idle(layout: Layout, store: Store, watcher: InboxWatcher, supervisor: Super
         return False
     if any(layout.ingesting.iterdir()) or supervisor.busy():
         return False
-    return not store.datasets.search(Q.default_job_due != None)  # noqa: E711
+    return not store.default_jobs_due()
 
 
 def _inbox_has_entries(inbox: Path) -> bool:

@@ -19,7 +19,7 @@ from trainbox.protocol import EXIT_INVALID
 COMMAND_MODULES = [
     "daemon.commands",
     "daemon.doctor",
-    "daemon.registry",
+    "daemon.modelregistry",
     "daemon.notify.cli",
     "daemon.top",
     "daemon.service",

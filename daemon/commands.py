@@ -136,22 +136,22 @@ def _request(args: argparse.Namespace, action: str) -> int:
         say_error(f"no job matches {args.job!r}; 'trainbox jobs' lists them")
         return EXIT_INVALID
     try:
-        check_request(_store(home), action, job["id"])
+        check_request(_store(home), action, job.id)
         if lock_is_held(home):
-            write_request(home, action, job["id"])
-            console.print(f"{action} of {job['id']} sent to the running daemon")
+            write_request(home, action, job.id)
+            console.print(f"{action} of {job.id} sent to the running daemon")
             return EXIT_OK
         with HomeLock(home):
             store = Store.for_home(home)
-            check_request(store, action, job["id"])
-            (cancel_idle_job if action == "cancel" else retry_job)(store, job["id"])
-        console.print(f"{job['id']}: {action} done" + (" (runs when the daemon starts)" if action == "retry" else ""))
+            check_request(store, action, job.id)
+            (cancel_idle_job if action == "cancel" else retry_job)(store, job.id)
+        console.print(f"{job.id}: {action} done" + (" (runs when the daemon starts)" if action == "retry" else ""))
     except RequestRefused as exc:
         say_error(str(exc))
         return EXIT_INVALID
     except DaemonAlreadyRunning:
-        write_request(home, action, job["id"])  # a daemon started meanwhile: let it apply the request
-        console.print(f"{action} of {job['id']} sent to the running daemon")
+        write_request(home, action, job.id)  # a daemon started meanwhile: let it apply the request
+        console.print(f"{action} of {job.id} sent to the running daemon")
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from daemon.jobs import ACTIVE_STATES, reset_stages_from
+from daemon.jobs import ACTIVE_STATES, JobRecord
 from daemon.layout import Layout
 from daemon.store import Store
 from trainbox.fsio import write_json_atomically
@@ -37,35 +37,25 @@ def pending_requests(home: Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def check_request(store: Store, action: str, job_id: str) -> dict:
+def check_request(store: Store, action: str, job_id: str) -> JobRecord:
     """Validate a request against the job's state; return the job or raise RequestRefused."""
     job = store.job(job_id)
     if job is None:
         raise RequestRefused(f"no job {job_id}")
-    if action == "cancel" and job["state"] not in ACTIVE_STATES:
-        raise RequestRefused(f"job {job_id} is {job['state']}; only waiting, queued, running or interrupted "
+    if action == "cancel" and job.state not in ACTIVE_STATES:
+        raise RequestRefused(f"job {job_id} is {job.state}; only waiting, queued, running or interrupted "
                              "jobs can be cancelled")
-    if action == "retry" and job["state"] not in ("failed", "cancelled", "interrupted"):
-        raise RequestRefused(f"job {job_id} is {job['state']}; only failed, cancelled or interrupted jobs "
+    if action == "retry" and job.state not in ("failed", "cancelled", "interrupted"):
+        raise RequestRefused(f"job {job_id} is {job.state}; only failed, cancelled or interrupted jobs "
                              "can be retried")
     return job
 
 
-def retry_job(store: Store, job_id: str) -> dict:
+def retry_job(store: Store, job_id: str) -> JobRecord:
     """Queue a failed/cancelled/interrupted job again from its first unfinished stage (checkpoints kept)."""
-    def change(doc: dict) -> None:
-        first = next((i for i, s in enumerate(doc["stages"]) if s["state"] not in ("succeeded", "skipped")),
-                     len(doc["stages"]))
-        reset_stages_from(doc, first)
-        doc.update(state="queued" if doc["datasets"] else "waiting", error=None, pid=None, progress=None)
-    return store.update_job(job_id, change)
+    return store.retry(job_id)
 
 
-def cancel_idle_job(store: Store, job_id: str) -> dict:
+def cancel_idle_job(store: Store, job_id: str) -> JobRecord:
     """Cancel a job that has no running child (waiting, queued, interrupted)."""
-    def change(doc: dict) -> None:
-        for s in doc["stages"]:
-            if s["state"] in ("pending", "running", "interrupted"):
-                s["state"] = "cancelled"
-        doc.update(state="cancelled", pid=None)
-    return store.update_job(job_id, change)
+    return store.cancel(job_id)

@@ -18,10 +18,10 @@ import yaml
 
 from daemon.config import DaemonSettings
 from daemon.datasetcheck import DatasetChecker, check_dataset
-from daemon.jobs import new_job
+from daemon.jobs import JobRecord, new_job, utcnow
 from daemon.layout import Layout
 from daemon.rejects import set_aside
-from daemon.store import Q, Store, utcnow
+from daemon.store import Store
 from trainbox.errors import InvalidInput, Problem
 from trainbox.fsio import move_durably, write_bytes_atomically, write_text_atomically
 from trainbox.jobfile import MAX_JOB_BYTES, parse_job_text
@@ -100,37 +100,27 @@ class Ingestor:
             if "__" not in claim.name:
                 continue
             claim_id, name = claim.name.split("__", 1)
-            if at_start and self._recover_attempts(claim_id) > MAX_RECOVER_ATTEMPTS:
+            if at_start and self.store.count_recover_attempt(claim_id) > MAX_RECOVER_ATTEMPTS:
                 self.reject(claim, name, claim_id, InvalidInput(shown_name(name), [Problem(
                     f"trainbox stopped {MAX_RECOVER_ATTEMPTS + 1} times while reading this file, so it is set aside",
                     fix="check the file, then drop it again; please report it with logs/daemon.log")],
                     "could not be read").render())
-                with self.store.lock:
-                    self.store.claims.remove(Q.claim == claim_id)
+                self.store.forget_claim(claim_id)
                 continue
             log.info("finishing interrupted ingest of %s", shown_name(name))
             self.process_claim(claim, background=not at_start)  # at start: counted, so in this thread
             if at_start:
-                with self.store.lock:
-                    self.store.claims.remove(Q.claim == claim_id)
-
-    def _recover_attempts(self, claim_id: str) -> int:
-        with self.store.lock:
-            row = self.store.claims.get(Q.claim == claim_id) or {"claim": claim_id, "attempts": 0}
-            if self.store.datasets.get(Q.claim == claim_id) or self.store.jobs.get(Q.claim == claim_id):
-                return 0  # recorded: only a move is left, nothing is read again
-            self.store.claims.upsert({**row, "attempts": row["attempts"] + 1}, Q.claim == claim_id)
-            return row["attempts"] + 1
+                self.store.forget_claim(claim_id)
 
     def process_claim(self, claim: Path, background: bool = True) -> None:
         """Validate and store (or reject) one claim; ``background``: datasets go to the checker thread."""
         if self.checker is not None and claim in self.checker.in_flight:
             return  # being validated in the background
         claim_id, name = claim.name.split("__", 1)
-        done = self.store.datasets.get(Q.claim == claim_id) or self.store.jobs.get(Q.claim == claim_id)
-        if done is not None:  # recorded before a crash: only the final move is missing
-            target = self.layout.home / done["path"] if "sha256" in done else self.layout.job_dir(done["id"]) / "job.yaml"
-            move_durably(claim, target)
+        dataset, job = self.store.claimed_record(claim_id)
+        if dataset is not None or job is not None:  # recorded before a crash: only the final move is missing
+            move_durably(claim, self.layout.home / dataset["path"] if dataset is not None
+                         else self.layout.job_dir(job.id) / "job.yaml")
             return
         self._settle(claim, name, lambda: self._dispatch(claim, claim_id, name, background))
 
@@ -204,9 +194,7 @@ class Ingestor:
         existing = self.store.dataset(info.sha256)
         if existing is not None:
             if name != existing["name"] and name not in existing.get("also_named", []):
-                with self.store.lock:  # a job naming this copy means the stored content
-                    self.store.datasets.update({"also_named": [*existing.get("also_named", []), name]},
-                                               Q.sha256 == info.sha256)
+                self.store.add_dataset_name(info.sha256, name)  # a job naming this copy means the stored content
                 self.link_waiting_jobs()
             raise InvalidInput(name, [Problem(
                 f"the same content was already ingested as '{existing['name']}' on {existing['ingested_at']}; "
@@ -218,8 +206,7 @@ class Ingestor:
         doc = {"sha256": info.sha256, "name": name, "format": info.format, "rows": info.rows,
                "labels": info.labels, "bytes": info.bytes, "path": rel, "claim": claim_id,
                "ingested_at": utcnow(), "default_job_due": time.time() + delay if delay is not None else None}
-        with self.store.lock:
-            self.store.datasets.insert(doc)
+        self.store.insert_dataset(doc)
         move_durably(claim, self.layout.home / rel)
         log.info("dataset %s accepted: %d %s rows (%s)", name, info.rows, info.format, info.sha256[:12])
         for note in info.notes:
@@ -239,44 +226,42 @@ class Ingestor:
             raise InvalidInput(name, problems, "this job cannot run here")
         self.create_job(spec, source=f"inbox/{name}", claim=claim_id, job_file=claim)
 
-    def create_job(self, spec: JobSpec, source: str, claim: str | None, job_file: Path | None = None) -> dict:
-        doc = new_job(spec, source=source, claim=claim)
-        job_dir = self.layout.job_dir(doc["id"])
+    def create_job(self, spec: JobSpec, source: str, claim: str | None, job_file: Path | None = None) -> JobRecord:
+        job = new_job(spec, source=source, claim=claim)
+        job_dir = self.layout.job_dir(job.id)
         job_dir.mkdir(parents=True, exist_ok=True)
-        with self.store.lock:
-            self.store.insert_job(doc)
+        self.store.insert_job(job)
         if job_file is not None:
             move_durably(job_file, job_dir / "job.yaml")
         else:
-            write_text_atomically(job_dir / "job.yaml", yaml.safe_dump(doc["spec"], sort_keys=False))
-        log.info("job %s created from %s", doc["id"], source)
-        self.store.add_event("job_created", f"{doc['id']} from {source}", job_id=doc["id"])
+            write_text_atomically(job_dir / "job.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        log.info("job %s created from %s", job.id, source)
+        self.store.add_event("job_created", f"{job.id} from {source}", job_id=job.id)
         self.link_waiting_jobs()
-        return self.store.job(doc["id"]) or doc
+        return self.store.job(job.id) or job
 
     def link_waiting_jobs(self) -> None:
         """Queue every waiting job whose dataset patterns all match ingested datasets."""
         datasets = self.store.all_datasets()
-        for job in self.store.jobs.search(Q.state == "waiting"):
-            shas = resolve_datasets(job["spec"]["datasets"], datasets)
+        for job in self.store.jobs_in("waiting"):
+            shas = resolve_datasets(job.spec.datasets, datasets)
             if shas is None:
                 continue
-            self.store.update_job(job["id"], {"state": "queued", "datasets": shas, "error": None})
-            with self.store.lock:
-                for sha in shas:  # a job claimed this dataset: no default job for it
-                    self.store.datasets.update({"default_job_due": None}, Q.sha256 == sha)
-            log.info("job %s queued (%d dataset(s))", job["id"], len(shas))
+            self.store.update_job(job.id, lambda j, shas=shas: _queue_on(j, shas))
+            for sha in shas:  # a job claimed this dataset: no default job for it
+                self.store.clear_default_job(sha)
+            log.info("job %s queued (%d dataset(s))", job.id, len(shas))
         self.flag_jobs_waiting_on_rejected()
 
     def flag_jobs_waiting_on_rejected(self) -> None:
         """A waiting job whose dataset was rejected for its content says so (state, ``show``, notification)."""
-        rejected = [e for e in self.store.events.search(Q.kind == "file_rejected")
+        rejected = [e for e in self.store.events_of_kind("file_rejected")
                     if Path(e.get("file", "")).suffix.lower() in DATASET_SUFFIXES]
         if not rejected:
             return
         datasets = self.store.all_datasets()
-        for job in self.store.jobs.search(Q.state == "waiting"):
-            missing = [p for p in job["spec"]["datasets"] if resolve_datasets([p], datasets) is None]
+        for job in self.store.jobs_in("waiting"):
+            missing = [p for p in job.spec.datasets if resolve_datasets([p], datasets) is None]
             hits = [e for e in rejected if any(name_matches(p, e["file"]) for p in missing)]
             if not hits:
                 continue
@@ -284,21 +269,20 @@ class Ingestor:
             why = newest["message"].removeprefix(f"{newest['file']}: ").removeprefix(f"{newest['file']}: ")
             error = (f"waiting for a dataset, but {newest['file']} was rejected: {why} "
                      f"(see {newest.get('path')}.error.txt; fix it and drop it again)")
-            if job.get("error") == error:
+            if job.error == error:
                 continue
-            self.store.update_job(job["id"], {"error": error})
-            log.warning("job %s cannot start yet: %s", job["id"], error)
-            self.notify("file_rejected", f"trainbox: job {job['name']} cannot start", error, job_id=job["id"])
+            self.store.set_job_fields(job.id, error=error)
+            log.warning("job %s cannot start yet: %s", job.id, error)
+            self.notify("file_rejected", f"trainbox: job {job.name} cannot start", error, job_id=job.id)
 
     def create_due_default_jobs(self) -> None:
         """A dataset dropped without a job gets ``default_job`` once its grace window has passed."""
         now = time.time()
-        for ds in self.store.datasets.search((Q.default_job_due != None) & (Q.default_job_due <= now)):  # noqa: E711
+        for ds in self.store.datasets_due(now):
             # the due time is cleared only once the job exists (create_job links it): a crash or a full
             # disk in between retries, and a job already created then is recognised, not made twice
-            if self.store.jobs.get(Q.spec.datasets == [ds["sha256"]]):
-                with self.store.lock:
-                    self.store.datasets.update({"default_job_due": None}, Q.sha256 == ds["sha256"])
+            if self.store.job_for_datasets([ds["sha256"]]):
+                self.store.clear_default_job(ds["sha256"])
                 self.link_waiting_jobs()  # the interrupted create_job did not get to queue it
                 continue
             # settings were validated at load (config.py), so this spec is valid
@@ -307,12 +291,16 @@ class Ingestor:
             if problems:
                 msg = "; ".join(p.render("default_job") for p in problems)
                 log.error("no default job for %s: %s", ds["name"], msg)
-                with self.store.lock:
-                    self.store.datasets.update({"default_job_due": None}, Q.sha256 == ds["sha256"])
+                self.store.clear_default_job(ds["sha256"])
                 self.store.add_event("default_job_invalid", msg, sha256=ds["sha256"])
                 self.notify("file_rejected", f"trainbox: no job for {ds['name']}", msg, file=ds["name"])
                 continue
             self.create_job(spec, source=f"default_job for {ds['name']}", claim=None)
+
+
+def _queue_on(job: JobRecord, shas: list[str]) -> None:
+    job.move_to("queued")
+    job.datasets, job.error = shas, None
 
 
 def _job_name(stem: str) -> str:

@@ -57,8 +57,8 @@ def status_view(home: Path, store: Store) -> dict[str, Any]:
         "schema_version": JSON_SCHEMA_VERSION,
         "home": str(home),
         "daemon": daemon_view(home, store),
-        "datasets": len(store.datasets),
-        "jobs": dict(Counter(j["state"] for j in jobs)),
+        "datasets": store.dataset_count(),
+        "jobs": dict(Counter(j.state for j in jobs)),
         "inbox_pending": sorted(p.name for p in layout.inbox.glob("*") if p.is_file() and not is_ignored(p.name))
         if layout.inbox.exists() else [],
         "rejected": rejected_files(layout) if layout.rejected.exists() else [],

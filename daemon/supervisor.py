@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from daemon import registry
+from daemon import modelregistry
 from daemon.children import (failure_message, is_stage_process, last_line, log_tail, send_stop,
                              start_stage_process, stop_orphan)
 from daemon.config import DaemonSettings
-from daemon.control import cancel_idle_job
-from daemon.jobs import job_outcome
+from daemon.jobs import JobRecord, ModelRef, job_outcome, utcnow
 from daemon.layout import Layout
-from daemon.store import Q, Store, utcnow
+from daemon.store import Store
 from trainbox.fsio import move_durably, read_json, write_json_atomically
 from trainbox.protocol import (EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE,
                                DatasetEntry, StageSpec, read_result, write_record)
@@ -85,23 +84,13 @@ class Supervisor:
     def recover(self) -> None:
         """Requeue every job that was running or interrupted; stop stages a dead daemon left behind."""
         grace = self.settings.supervisor.stop_grace_seconds
-        for job in self.store.jobs.search(Q.state.one_of(["running", "interrupted"])):
-            for stage in job["stages"]:
-                if stage["state"] == "running" and is_stage_process(job.get("pid"),
-                                                                    self.layout.stage_dir(job["id"], stage["name"])):
-                    log.warning("stage %s of %s is still running from before; stopping it", stage["name"], job["id"])
-                    stop_orphan(job["pid"], grace)
-
-            self._requeue(job["id"])
-            log.info("job %s will resume", job["id"])
-
-    def _requeue(self, job_id: str) -> None:
-        def requeue(doc: dict) -> None:
-            for s in doc["stages"]:
-                if s["state"] in ("running", "interrupted"):
-                    s.update(state="pending", ended_at=None)
-            doc.update(state="queued", pid=None, resume_at=None)
-        self.store.update_job(job_id, requeue)
+        for job in self.store.jobs_in("running", "interrupted"):
+            for stage in job.stages:
+                if stage.state == "running" and is_stage_process(job.pid, self.layout.stage_dir(job.id, stage.name)):
+                    log.warning("stage %s of %s is still running from before; stopping it", stage.name, job.id)
+                    stop_orphan(job.pid, grace)
+            self.store.requeue(job.id)
+            log.info("job %s will resume", job.id)
 
     # main-loop work -------------------------------------------------------
     def tick(self) -> None:
@@ -112,7 +101,7 @@ class Supervisor:
         self._check_waiting()
 
     def busy(self) -> bool:
-        return bool(self.running) or bool(self.store.jobs.search(Q.state == "queued"))
+        return bool(self.running) or self.store.has_queued_jobs()
 
     def _free_slot(self, device: str) -> str | None:
         used: dict[str, int] = {}
@@ -131,54 +120,49 @@ class Supervisor:
         return None
 
     def _start_queued(self) -> None:
-        for job in sorted(self.store.jobs.search(Q.state == "queued"), key=lambda j: j["created_at"]):
-            if job["id"] in self.running:
+        for job in self.store.queued_jobs():
+            if job.id in self.running:
                 continue
-            slot = self._free_slot(job["spec"]["train"]["device"])
+            slot = self._free_slot(job.spec.train.device)
             if slot is None:
                 continue
-            index = next((i for i, s in enumerate(job["stages"]) if s["state"] not in ("succeeded", "skipped")), None)
+            index = job.first_unfinished()
             if index is None:
-                self._finish(job["id"], "succeeded")
+                self._finish(job.id, "succeeded")
                 continue
             self._start_stage(job, index, slot)
 
-    def _start_stage(self, job: dict, index: int, slot: str) -> None:
-        stage = job["stages"][index]["name"]
-        stage_dir = self.layout.stage_dir(job["id"], stage)
+    def _start_stage(self, job: JobRecord, index: int, slot: str) -> None:
+        stage = job.stages[index].name
+        stage_dir = self.layout.stage_dir(job.id, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # a previous attempt's verdict must not be read
         write_record(stage_dir / STAGE_FILE, self._stage_spec(job, stage, slot))
         env = {"CUDA_VISIBLE_DEVICES": slot.split(":")[1] if slot.startswith("cuda") else ""}
         with open(stage_dir / LOG_FILE, "a", encoding="utf-8") as fh:
-            fh.write(f"\n=== trainbox: stage {stage} of {job['id']} started at {utcnow()} on {slot} ===\n")
+            fh.write(f"\n=== trainbox: stage {stage} of {job.id} started at {utcnow()} on {slot} ===\n")
         proc = start_stage_process(stage, stage_dir, stage_dir / LOG_FILE, env)
         events = stage_dir / EVENTS_FILE
-        self.running[job["id"]] = Running(job["id"], index, stage, slot, proc, stage_dir,
-                                          events_offset=events.stat().st_size if events.exists() else 0)
+        self.running[job.id] = Running(job.id, index, stage, slot, proc, stage_dir,
+                                       events_offset=events.stat().st_size if events.exists() else 0)
+        self.store.stage_started(job.id, index, pid=proc.pid, device=slot)
+        log.info("job %s: stage %s started (pid %d, %s)", job.id, stage, proc.pid, slot)
 
-        def mark(doc: dict) -> None:
-            doc["stages"][index].update(state="running", started_at=utcnow(), ended_at=None, error=None)
-            doc.update(state="running", stage=stage, pid=proc.pid, device=slot, error=None,
-                       attempts=doc.get("attempts", 0) + 1)
-        self.store.update_job(job["id"], mark)
-        log.info("job %s: stage %s started (pid %d, %s)", job["id"], stage, proc.pid, slot)
-
-    def _stage_spec(self, job: dict, stage: str, slot: str) -> StageSpec:
-        results = {s["name"]: read_result(self.layout.stage_dir(job["id"], s["name"])).model_dump(mode="json")
-                   for s in job["stages"] if s["state"] in ("succeeded", "skipped")}
+    def _stage_spec(self, job: JobRecord, stage: str, slot: str) -> StageSpec:
+        results = {s.name: read_result(self.layout.stage_dir(job.id, s.name)).model_dump(mode="json")
+                   for s in job.stages if s.finished}
         datasets = []
-        for sha in job["datasets"]:
+        for sha in job.datasets:
             ds = self.store.dataset(sha)
             datasets.append(DatasetEntry(name=ds["name"], sha256=sha, path=self.layout.home / ds["path"],
                                          format=ds["format"], rows=ds["rows"]))
-        model = job.get("model")
-        previous = registry.previous_version(self.store, model["name"], model["version"]) if model else None
-        return StageSpec(job_id=job["id"], stage=stage, home=self.layout.home, job=job["spec"], datasets=datasets,
+        model = job.model
+        previous = modelregistry.previous_version(self.store, model.name, model.version) if model else None
+        return StageSpec(job_id=job.id, stage=stage, home=self.layout.home, job=job.spec, datasets=datasets,
                          results=results, device="cuda" if slot.startswith("cuda") else "cpu",
-                         stage_dirs={s["name"]: self.layout.stage_dir(job["id"], s["name"]) for s in job["stages"]},
+                         stage_dirs={s.name: self.layout.stage_dir(job.id, s.name) for s in job.stages},
                          settings={"resources": self.settings.resources.model_dump()},
-                         model=model, previous_model=previous)
+                         model=model.model_dump() if model else None, previous_model=previous)
 
     # a running stage ------------------------------------------------------
     def _poll(self, run: Running) -> None:
@@ -204,7 +188,7 @@ class Supervisor:
             wait = self.settings.supervisor.self_stop_resume_seconds
             self._finish(run.job_id, "interrupted", f"stage {run.stage} stopped itself and is resumable; trainbox "
                          f"resumes it in {wait:g} s (its log ends with: {last})")
-            self.store.update_job(run.job_id, {"resume_at": time.time() + wait})
+            self.store.set_job_fields(run.job_id, resume_at=time.time() + wait)
         elif code == EXIT_INTERRUPTED or run.stop_reason == "shutdown":
             self._stage_ended(run, "interrupted", None)
             self._finish(run.job_id, "interrupted")
@@ -218,53 +202,39 @@ class Supervisor:
         """Requeue jobs whose stage stopped itself once their wait is over (the daemon's own stops wait for a
         restart or 'trainbox retry', as before)."""
         now = time.time()
-        for job in self.store.jobs.search((Q.state == "interrupted") & (Q.resume_at.test(
-                lambda t: t is not None and t <= now))):
-            log.info("job %s: resuming its stage that stopped itself", job["id"])
-            self._requeue(job["id"])
+        for job in self.store.interrupted_jobs_due(now):
+            log.info("job %s: resuming its stage that stopped itself", job.id)
+            self.store.requeue(job.id)
 
     def _stage_ended(self, run: Running, state: str, error: str | None, exit_code: int | None = None) -> None:
-        def change(doc: dict) -> None:
-            doc["stages"][run.index].update(state=state, ended_at=utcnow(), error=error, exit_code=exit_code)
-            doc["pid"] = None
-        self.store.update_job(run.job_id, change)
+        self.store.stage_ended(run.job_id, run.index, state, error=error, exit_code=exit_code)
 
     def _stage_done(self, run: Running) -> None:
         result = read_result(run.stage_dir)
         artifacts = {k: str(run.stage_dir / v) for k, v in result.artifacts.items()}
         job = self.store.job(run.job_id)
         if result.model:
-            entry = registry.ensure_entry(self.store, job)
-            job = self.store.update_job(run.job_id, {"model": {"name": entry["name"], "version": entry["version"]}})
+            entry = modelregistry.ensure_entry(self.store, job)
+            job = self.store.set_job_fields(run.job_id, model=ModelRef(name=entry["name"], version=entry["version"]))
             if run.stage == "export" and "model_dir" in artifacts:
                 artifacts = self._publish(run, job, artifacts, result.message)
-            registry.update_entry(self.store, run.job_id, run.stage, {**result.model, "artifacts": artifacts}
+            modelregistry.update_entry(self.store, run.job_id, run.stage, {**result.model, "artifacts": artifacts}
                                   if run.stage == "export" else result.model)
 
-        def change(doc: dict) -> None:
-            doc["stages"][run.index].update(
-                state="skipped" if result.skipped else "succeeded", ended_at=utcnow(),
-                summary=result.summary, artifacts=artifacts, message=result.message)
-            doc["pid"] = None
-            if run.index + 1 >= len(doc["stages"]):
-                doc["state"] = "succeeded"
-                doc["progress"] = None
-            else:
-                doc["state"] = "queued"  # the next stage starts on the next tick, in any free slot
-        job = self.store.update_job(run.job_id, change)
-        log.info("job %s: stage %s %s", run.job_id, run.stage, job["stages"][run.index]["state"])
-        if job["state"] == "succeeded":
+        job = self.store.stage_ended(run.job_id, run.index, "skipped" if result.skipped else "succeeded",
+                                     summary=result.summary, artifacts=artifacts, message=result.message)
+        log.info("job %s: stage %s %s", run.job_id, run.stage, job.stages[run.index].state)
+        if job.first_unfinished() is None:
             self._finish(run.job_id, "succeeded")
 
-    def _publish(self, run: Running, job: dict, artifacts: dict[str, str], message: str) -> dict[str, str]:
+    def _publish(self, run: Running, job: JobRecord, artifacts: dict[str, str], message: str) -> dict[str, str]:
         """Move the exported model folder to models/<name>/v<version>/ (atomic rename, same filesystem)."""
         src = Path(artifacts["model_dir"])
-        dest = publish_model_dir(src, self.layout.models / job["model"]["name"], job["model"]["version"],
-                                 run.job_id)
+        dest = publish_model_dir(src, self.layout.models / job.model.name, job.model.version, run.job_id)
         out = {k: str(dest / Path(v).relative_to(src)) if Path(v).is_relative_to(src) else v
                for k, v in artifacts.items()}
         self._notify_job(job, "exported", "model_exported",
-                         f"trainbox exported {job['name']} v{job['model']['version']}", f"{message}\n{dest}".strip())
+                         f"trainbox exported {job.name} v{job.model.version}", f"{message}\n{dest}".strip())
         return out
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
@@ -279,7 +249,7 @@ class Supervisor:
         progress = read_json(path)
         if progress is not None:
             run.progress_seen, run.progress_stored = mtime, now
-            self.store.update_job(run.job_id, {"progress": progress})
+            self.store.set_job_fields(run.job_id, progress=progress)
 
     def _forward_events(self, run: Running) -> None:
         path = run.stage_dir / EVENTS_FILE
@@ -304,35 +274,35 @@ class Supervisor:
 
     # job ends -------------------------------------------------------------
     def _finish(self, job_id: str, state: str, error: str | None = None) -> None:
-        job = self.store.update_job(job_id, {"state": state, "error": error, "pid": None})
+        job = self.store.finish_job(job_id, state, error)
         detail = error.splitlines()[0] if error else (job_outcome(job) if state == "succeeded" else "")
-        self.store.add_event(f"job_{state}", f"{job['name']} ({job_id}) {state}" + (f": {detail}" if detail else ""),
+        self.store.add_event(f"job_{state}", f"{job.name} ({job_id}) {state}" + (f": {detail}" if detail else ""),
                              job_id=job_id)
-        self._notify_job(job, state, f"job_{state}", f"{job['name']} {state}", detail or job_id)
+        self._notify_job(job, state, f"job_{state}", f"{job.name} {state}", detail or job_id)
         log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
                 f": {error or detail}" if (error or detail) else "")
 
-    def _notify_job(self, job: dict, event: str, kind: str, title: str, body: str) -> None:
+    def _notify_job(self, job: JobRecord, event: str, kind: str, title: str, body: str) -> None:
         """Notify about ``job`` when its ``notify.on`` lists ``event``, spoken too when it sets ``notify.speak``."""
-        if event in job["spec"]["notify"]["on"]:
-            self.notify(kind, title, body, speak=job["spec"]["notify"]["speak"], job_id=job["id"])
+        if event in job.spec.notify.on:
+            self.notify(kind, title, body, speak=job.spec.notify.speak, job_id=job.id)
 
     def _check_waiting(self) -> None:
         limit = self.settings.notify.waiting_too_long_seconds
         now = time.time()
-        for job in self.store.jobs.search(Q.state == "waiting"):
-            if job.get("waiting_notified"):
+        for job in self.store.jobs_in("waiting"):
+            if job.waiting_notified:
                 continue
-            if now - datetime.fromisoformat(job["created_at"]).timestamp() > limit:
-                self.store.update_job(job["id"], {"waiting_notified": True})
-                self._notify_job(job, "waiting", "job_waiting_too_long", f"trainbox: {job['name']} is waiting",
-                                 f"no dataset matches {job['spec']['datasets']}")
+            if now - datetime.fromisoformat(job.created_at).timestamp() > limit:
+                self.store.set_job_fields(job.id, waiting_notified=True)
+                self._notify_job(job, "waiting", "job_waiting_too_long", f"trainbox: {job.name} is waiting",
+                                 f"no dataset matches {job.spec.datasets}")
 
     # requests and shutdown -------------------------------------------------
     def cancel(self, job_id: str) -> None:
         run = self.running.get(job_id)
         if run is None:
-            cancel_idle_job(self.store, job_id)
+            self.store.cancel(job_id)
             log.info("job %s cancelled", job_id)
             return
         run.stop_reason, run.stop_sent = "cancel", time.monotonic()

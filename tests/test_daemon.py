@@ -65,7 +65,7 @@ def test_many_files_at_once_are_each_ingested_exactly_once(home: Path, daemon_fa
     for i in range(500):  # written while no daemon runs, then found by the start-up scan
         drop(inbox, f"d{i:03d}.jsonl", json.dumps({"text": f"row {i}"}) + "\n")
     daemon_factory().wait_ready()
-    wait_for(lambda: len(read_store(home).datasets) == 500, 120, "500 datasets")
+    wait_for(lambda: read_store(home).dataset_count() == 500, 120, "500 datasets")
     assert not list(inbox.iterdir()) and not rejected_files(Layout(home))
     assert sorted(d["name"] for d in read_store(home).all_datasets()) == [f"d{i:03d}.jsonl" for i in range(500)]
 
@@ -77,11 +77,11 @@ def test_sigkill_during_ingest_loses_and_duplicates_nothing(home: Path, daemon_f
         drop(inbox, f"k{i:03d}.jsonl", json.dumps({"text": f"kill test {i}"}) + "\n")
     drop(inbox, "broken.jsonl", "not json\n")
     d = daemon_factory().wait_ready()
-    wait_for(lambda: len(read_store(home).datasets) >= 30, 60, "ingest under way")
+    wait_for(lambda: read_store(home).dataset_count() >= 30, 60, "ingest under way")
     d.kill()
-    assert len(read_store(home).datasets) < 300, "killed before the end"
+    assert read_store(home).dataset_count() < 300, "killed before the end"
     daemon_factory().wait_ready()
-    wait_for(lambda: len(read_store(home).datasets) == 300 and not list(inbox.iterdir()), 120, "all ingested")
+    wait_for(lambda: read_store(home).dataset_count() == 300 and not list(inbox.iterdir()), 120, "all ingested")
     store = read_store(home)
     assert sorted(d["name"] for d in store.all_datasets()) == [f"k{i:03d}.jsonl" for i in range(300)]
     for ds in store.all_datasets():

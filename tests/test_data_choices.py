@@ -154,10 +154,10 @@ def test_a_template_with_tool_support_renders_schemas_calls_and_results_natively
 def test_leftover_placeholders_are_reported_by_prepare_and_reach_show_and_events(home, daemon_factory):
     drop(home / "inbox", "identity.jsonl", (LF / "identity.head.jsonl").read_bytes())
     daemon = daemon_factory().wait_ready()
-    job = wait_for(lambda: next((j for j in read_store(home).all_jobs() if j["state"] == "succeeded"), None), 120,
+    job = wait_for(lambda: next((j for j in read_store(home).all_jobs() if j.state == "succeeded"), None), 120,
                    "prepare job done")
     daemon.stop()
-    shown = subprocess.run([sys.executable, "-m", "daemon.cli", "show", job["id"], "--json", "--home", str(home)],
+    shown = subprocess.run([sys.executable, "-m", "daemon.cli", "show", job.id, "--json", "--home", str(home)],
                            capture_output=True, text=True, check=True, cwd=REPO)
     prepare = json.loads(shown.stdout)["job"]["stages"][0]
     want = ("identity.jsonl: 4 row(s) contain template placeholders ({{name}}, {{author}}) that would be trained "
@@ -165,8 +165,8 @@ def test_leftover_placeholders_are_reported_by_prepare_and_reach_show_and_events
     assert want in prepare["message"]
     assert prepare["summary"]["data_warnings"][0].startswith(want)
     events = [e for e in read_store(home).recent_events(50) if e["kind"] == "data_warning"]
-    assert len(events) == 1 and events[0]["job_id"] == job["id"] and events[0]["message"].startswith(want)
-    assert want in (home / "jobs" / job["id"] / "prepare" / "stage.log").read_text()
+    assert len(events) == 1 and events[0]["job_id"] == job.id and events[0]["message"].startswith(want)
+    assert want in (home / "jobs" / job.id / "prepare" / "stage.log").read_text()
 
 
 @pytest.mark.slow

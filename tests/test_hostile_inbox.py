@@ -90,7 +90,7 @@ def test_a_job_file_over_the_cap_is_rejected_unread(ing: Ingestor) -> None:
 
 def test_anchors_within_bounds_still_work(ing: Ingestor) -> None:
     put(ing, "a.yaml", "name: a\ndatasets: &d [x]\nstages: [prepare]\nevaluate: {}\n")
-    assert ing.store.all_jobs()[0]["spec"]["datasets"] == ["x"]
+    assert ing.store.all_jobs()[0].spec.datasets == ["x"]
 
 
 # entries that are not regular files --------------------------------------------------------------
@@ -151,12 +151,12 @@ def test_a_link_claimed_before_a_crash_is_set_aside_by_recover(ing: Ingestor) ->
 def test_a_claim_that_stopped_the_daemon_repeatedly_is_set_aside(ing: Ingestor) -> None:
     claim = ing.layout.ingesting / "20260101000000-abcdef12__lol.yaml"
     claim.write_text("name: a\ndatasets: [x]\n")
-    with ing.store.lock:  # as if every earlier start had died while reading it
-        ing.store.claims.insert({"claim": "20260101000000-abcdef12", "attempts": MAX_RECOVER_ATTEMPTS})
+    for _ in range(MAX_RECOVER_ATTEMPTS):  # as if every earlier start had died while reading it
+        ing.store.count_recover_attempt("20260101000000-abcdef12")
     ing.recover()
     text = reasons(ing)["lol.yaml"]
     assert f"trainbox stopped {MAX_RECOVER_ATTEMPTS + 1} times while reading this file" in text
-    assert not ing.store.all_jobs() and not ing.store.claims.all()
+    assert not ing.store.all_jobs() and not ing.store.claim_attempts()
 
 
 # names --------------------------------------------------------------------------------------------
@@ -248,20 +248,20 @@ def test_a_job_naming_a_same_content_copy_uses_the_stored_dataset(ing: Ingestor)
     assert "duplicate dataset" in reasons(ing)["copy.jsonl"]
     put(ing, "j.yaml", "name: j\ndatasets: [copy]\nstages: [prepare]\n")
     (job,) = ing.store.all_jobs()
-    assert job["state"] == "queued" and job["datasets"] == [ing.store.all_datasets()[0]["sha256"]]
+    assert job.state == "queued" and job.datasets == [ing.store.all_datasets()[0]["sha256"]]
 
 
 def test_a_job_whose_dataset_was_rejected_says_so(ing: Ingestor) -> None:
     put(ing, "j.yaml", "name: j\ndatasets: [prefs]\nstages: [prepare]\n")
     put(ing, "prefs.jsonl", "not json\n")
     (job,) = ing.store.all_jobs()
-    assert job["state"] == "waiting"
-    assert "prefs.jsonl was rejected" in job["error"] and "prefs.jsonl.error.txt" in job["error"]
+    assert job.state == "waiting"
+    assert "prefs.jsonl was rejected" in job.error and "prefs.jsonl.error.txt" in job.error
     assert any(title == "trainbox: job j cannot start" for _, title, _ in ing.notify)
     put(ing, "later.yaml", "name: later\ndatasets: [prefs.jsonl]\nstages: [prepare]\n")
-    assert "prefs.jsonl was rejected" in ing.store.find_job("later")["error"], "also for a job dropped after"
+    assert "prefs.jsonl was rejected" in ing.store.find_job("later").error, "also for a job dropped after"
     put(ing, "prefs.jsonl", (FIXTURES / "text.jsonl").read_bytes())
-    assert all(j["state"] == "queued" and j["error"] is None for j in ing.store.all_jobs())
+    assert all(j.state == "queued" and j.error is None for j in ing.store.all_jobs())
 
 
 @pytest.mark.parametrize("pattern", ["../../etc/passwd", "/etc/passwd", "..", "sub/data.jsonl"])
@@ -323,5 +323,5 @@ def test_a_bare_dataset_gets_its_default_job_once_even_after_a_storage_failure(t
     ing.create_due_default_jobs()
     ing.create_due_default_jobs()
     (job,) = ing.store.all_jobs()
-    assert job["spec"]["datasets"] == [ing.store.all_datasets()[0]["sha256"]] and job["state"] == "queued"
+    assert job.spec.datasets == [ing.store.all_datasets()[0]["sha256"]] and job.state == "queued"
     assert ing.store.all_datasets()[0]["default_job_due"] is None

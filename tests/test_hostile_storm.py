@@ -132,7 +132,7 @@ def test_a_storm_of_hostile_entries_loses_nothing_and_blocks_nothing(home: Path,
     store = read_store(home)
     rejected = [p for p in (home / "rejected").iterdir() if not p.name.endswith(ERROR_SUFFIX)]
     explanations = [p for p in (home / "rejected").iterdir() if p.name.endswith(ERROR_SUFFIX)]
-    jobs = [j for j in store.all_jobs() if j["source"].startswith("inbox/")]
+    jobs = [j for j in store.all_jobs() if j.source.startswith("inbox/")]
     outcomes = len(store.all_datasets()) - 1 + len(rejected) + len(jobs)  # - after.jsonl
     gaps = [b - a for a, b in zip(sorted(set(beats)), sorted(set(beats))[1:])]
     print(f"storm: {dropped} entries in {storm_s:.1f}s, next file taken in {after_s:.2f}s, "

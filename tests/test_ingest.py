@@ -118,21 +118,21 @@ def test_same_content_twice_is_recognised(ingestor: Ingestor) -> None:
 def test_job_waits_for_its_dataset_then_queues(ingestor: Ingestor) -> None:
     put(ingestor, "job.yaml", "name: later\ndatasets: [later_data.jsonl]\nstages: [prepare]\n")
     (job,) = ingestor.store.all_jobs()
-    assert job["state"] == "waiting"
-    assert (ingestor.layout.job_dir(job["id"]) / "job.yaml").exists()
+    assert job.state == "waiting"
+    assert (ingestor.layout.job_dir(job.id) / "job.yaml").exists()
     put(ingestor, "later_data.jsonl", (FIXTURES / "text.jsonl").read_bytes())
     ingestor.create_due_default_jobs()
     jobs = ingestor.store.all_jobs()
     assert len(jobs) == 1, "the dataset's default job is not created when a job claims it"
-    assert jobs[0]["state"] == "queued" and len(jobs[0]["datasets"]) == 1
+    assert jobs[0].state == "queued" and len(jobs[0].datasets) == 1
 
 
 def test_dataset_alone_gets_the_default_job(ingestor: Ingestor) -> None:
     put(ingestor, "solo data.jsonl", (FIXTURES / "text.jsonl").read_bytes())
     ingestor.create_due_default_jobs()
     (job,) = ingestor.store.all_jobs()
-    assert job["name"] == "solo-data" and job["state"] == "queued"
-    assert job["source"] == "default_job for solo data.jsonl"
+    assert job.name == "solo-data" and job.state == "queued"
+    assert job.source == "default_job for solo data.jsonl"
 
 
 def test_invalid_job_is_rejected_with_location(ingestor: Ingestor) -> None:
@@ -161,7 +161,7 @@ def test_unsupported_export_architecture_is_rejected_at_ingest(ingestor: Ingesto
 def test_loss_weights_are_accepted_and_a_negative_weight_is_rejected(ingestor: Ingestor) -> None:
     put(ingestor, "w.yaml", "name: w\ndatasets: [d]\ntrain:\n  loss_weights: {style: 0.5, contrastive: 0.2}\n")
     jobs = ingestor.store.all_jobs()
-    assert [j["name"] for j in jobs] == ["w"]
+    assert [j.name for j in jobs] == ["w"]
     put(ingestor, "neg.yaml", "name: neg\ndatasets: [d]\ntrain:\n  loss_weights: {style: -1}\n")
     assert "train.loss_weights.style" in only_rejection(ingestor)
 

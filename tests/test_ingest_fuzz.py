@@ -60,7 +60,7 @@ def _ingest_once(suffix: str, body: bytes, bom: bytes, crlf: bool) -> None:
         path = layout.inbox / f"fuzz{suffix}"
         path.write_bytes(data)
         ing.ingest(path)
-        accepted = len(store.datasets) + len(store.jobs)
+        accepted = store.dataset_count() + len(store.all_jobs())
         rejected = rejected_files(layout)
         assert accepted + len(rejected) == 1, "exactly one outcome"
         if rejected:
@@ -95,8 +95,8 @@ def test_the_daemon_survives_a_burst_of_fuzzed_files(home: Path, daemon_factory,
         drop(home / "inbox", f"f{i:02d}{suffix}", bom + (body.replace(b"\n", b"\r\n") if crlf else body))
     wait_for(lambda: not list((home / "inbox").iterdir()), 30, "inbox drained")
     store = read_store(home)
-    wait_for(lambda: len(read_store(home).datasets) + len(rejected_files(Layout(home)))
-             + len([j for j in read_store(home).all_jobs() if j["source"].startswith("inbox/")]) == 40,
+    wait_for(lambda: read_store(home).dataset_count() + len(rejected_files(Layout(home)))
+             + len([j for j in read_store(home).all_jobs() if j.source.startswith("inbox/")]) == 40,
              30, "every file has one outcome")
     assert d.proc.poll() is None, "the daemon is still running"
     assert store.get_meta("daemon")["pid"] == d.proc.pid

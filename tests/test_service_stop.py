@@ -41,7 +41,7 @@ def test_service_stop_checkpoints_the_running_stage_and_releases_the_lock(home, 
 
     def training() -> dict | None:
         jobs = read_store(home).all_jobs()
-        progress = home / "jobs" / jobs[0]["id"] / "train" / "progress.json" if jobs else None
+        progress = home / "jobs" / jobs[0].id / "train" / "progress.json" if jobs else None
         return jobs[0] if progress and progress.exists() else None
     job = wait_for(training, 120, "the train stage to report progress")
 
@@ -49,9 +49,9 @@ def test_service_stop_checkpoints_the_running_stage_and_releases_the_lock(home, 
     thread.join(120)
     assert not thread.is_alive() and result == [0]
     assert not lock_is_held(home)
-    stored = read_store(home).job(job["id"])
-    assert stored["state"] == "interrupted", stored
-    train_dir = home / "jobs" / job["id"] / "train"
+    stored = read_store(home).job(job.id)
+    assert stored.state == "interrupted", stored
+    train_dir = home / "jobs" / job.id / "train"
     manifests = [json.loads(p.read_text()) for p in train_dir.rglob("manifest.json")]
     stopped_at = int(re.search(r"stopped at step (\d+)/", (train_dir / "stage.log").read_text()).group(1))
     # the stop saved the last trained step: as an emergency checkpoint, or by reusing an epoch-end one

@@ -43,14 +43,14 @@ def test_a_stage_that_finds_the_disk_full_is_interrupted_and_resumes_by_itself(h
         assert "stage prepare stopped itself and is resumable; trainbox resumes it in 1 s" in event["message"]
         store = read_store(home)
         job = store.all_jobs()[0]
-        assert job["state"] != "failed" and not any(e["kind"] == "job_failed" for e in store.recent_events(200))
-        assert "the disk is full" in (home / "jobs" / job["id"] / "prepare" / "stage.log").read_text()
+        assert job.state != "failed" and not any(e["kind"] == "job_failed" for e in store.recent_events(200))
+        assert "the disk is full" in (home / "jobs" / job.id / "prepare" / "stage.log").read_text()
 
         filler.unlink()  # space is back; nothing else is done by hand
-        wait_for(lambda: read_store(home).job(job["id"])["state"] == "succeeded", 90, "the job to resume")
-        job = read_store(home).job(job["id"])
-        assert job["stages"][0]["state"] == "succeeded" and job["error"] is None
-        train = home / "jobs" / job["id"] / "prepare" / "splits" / "train.jsonl"
+        wait_for(lambda: read_store(home).job(job.id).state == "succeeded", 90, "the job to resume")
+        job = read_store(home).job(job.id)
+        assert job.stages[0].state == "succeeded" and job.error is None
+        train = home / "jobs" / job.id / "prepare" / "splits" / "train.jsonl"
         assert len(train.read_text().splitlines()) > ROWS // 2
         assert daemon.stop() == 0
     finally:

@@ -21,7 +21,7 @@ def _loaded_after(imports: str, prefixes: tuple[str, ...]) -> list[str]:
 
 def test_daemon_and_cli_load_no_stage_and_no_ml_library() -> None:
     imports = ("import daemon.app, daemon.cli, daemon.supervisor, daemon.ingest, daemon.top, daemon.doctor, "
-               "daemon.service, daemon.commands, daemon.registry, daemon.registry_view, daemon.status\n"
+               "daemon.service, daemon.commands, daemon.modelregistry, daemon.modeltables, daemon.status\n"
                "daemon.cli.build_parser()")
     loaded = _loaded_after(imports, ("handlers", *ML_LIBRARIES))
     assert loaded == [], f"the daemon imported {loaded}"

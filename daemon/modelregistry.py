@@ -11,7 +11,8 @@ import re
 from typing import Any
 
 from daemon.cli import print_json
-from daemon.store import Q, Store, utcnow
+from daemon.jobs import JobRecord, utcnow
+from daemon.store import Store
 from trainbox.protocol import EXIT_INVALID, EXIT_OK
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,9 @@ class UnknownModel(LookupError):
 
 
 # entries ---------------------------------------------------------------------------------------------
-def _stage_summary(job: dict[str, Any], name: str) -> dict[str, Any] | None:
-    for stage in job.get("stages", []):
-        if stage.get("name") == name:
-            return stage.get("summary") or {}
-    return None
+def _stage_summary(job: JobRecord, name: str) -> dict[str, Any] | None:
+    stage = job.stage_named(name)
+    return stage.summary if stage is not None else None
 
 
 def _count(value: Any) -> int | None:
@@ -47,7 +46,7 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def rows_of(job: dict[str, Any], datasets: list[dict[str, Any]]) -> dict[str, int | None]:
+def rows_of(job: JobRecord, datasets: list[dict[str, Any]]) -> dict[str, int | None]:
     """Original rows (prepare's splits together) and rows after augmentation (None without augment)."""
     prepare = _stage_summary(job, "prepare") or {}
     original = _count(prepare.get("rows"))
@@ -60,7 +59,7 @@ def rows_of(job: dict[str, Any], datasets: list[dict[str, Any]]) -> dict[str, in
     return {"original": original, "augmented": augmented}
 
 
-def _train_loss(job: dict[str, Any]) -> float | None:
+def _train_loss(job: JobRecord) -> float | None:
     summary = _stage_summary(job, "train") or {}
     for key in ("train_loss", "final_loss", "loss"):
         if isinstance(summary.get(key), (int, float)):
@@ -68,10 +67,9 @@ def _train_loss(job: dict[str, Any]) -> float | None:
     return None
 
 
-def _dataset_docs(store: Store, job: dict[str, Any]) -> list[dict[str, Any]]:
+def _dataset_docs(store: Store, job: JobRecord) -> list[dict[str, Any]]:
     docs = []
-    for sha in job.get("datasets", []):
-        sha = sha.get("sha256") if isinstance(sha, dict) else sha
+    for sha in job.datasets:
         found = store.dataset(sha) or {}
         docs.append({"sha256": sha, "name": found.get("name"), "rows": found.get("rows"),
                      "format": found.get("format")})
@@ -79,47 +77,42 @@ def _dataset_docs(store: Store, job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def entry_for_job(store: Store, job_id: str) -> dict[str, Any] | None:
-    return store.models.get(Q.job_id == job_id)
+    return store.model_of_job(job_id)
 
 
-def ensure_entry(store: Store, job: dict[str, Any]) -> dict[str, Any]:
+def ensure_entry(store: Store, job: JobRecord) -> dict[str, Any]:
     """The registry entry of ``job``'s model, created (next version of the job's name) on first call."""
-    with store.lock:
-        existing = entry_for_job(store, job["id"])
-        if existing is not None:
-            return dict(existing)
-        name = job["name"]
-        versions = [e["version"] for e in store.models.search(Q.name == name)]
-        datasets = _dataset_docs(store, job)
-        entry = {
-            "name": name,
-            "version": max(versions, default=0) + 1,
-            "job_id": job["id"],
-            "base_model": job["spec"]["base_model"],
-            "datasets": datasets,
-            "rows": rows_of(job, datasets),
-            "train_loss": _train_loss(job),
-            "metrics": {},
-            "winner": None,
-            "artifacts": {},
-            "created_at": utcnow(),
-            "updated_at": utcnow(),
-        }
-        store.models.insert(entry)
-        log.info("registered model %s version %d (job %s)", name, entry["version"], job["id"])
-        return entry
+    existing = entry_for_job(store, job.id)
+    if existing is not None:
+        return existing
+    datasets = _dataset_docs(store, job)
+    entry = store.add_model({
+        "name": job.name,
+        "job_id": job.id,
+        "base_model": job.spec.base_model,
+        "datasets": datasets,
+        "rows": rows_of(job, datasets),
+        "train_loss": _train_loss(job),
+        "metrics": {},
+        "winner": None,
+        "artifacts": {},
+        "created_at": utcnow(),
+        "updated_at": utcnow(),
+    })
+    log.info("registered model %s version %d (job %s)", job.name, entry["version"], job.id)
+    return entry
 
 
 def update_entry(store: Store, job_id: str, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Merge a stage's ``StageResult.model`` into the entry: ``metrics``/``artifacts`` merge, paths go to
     ``artifacts``, other keys are set. Row counts and train loss are refreshed from the job record."""
-    with store.lock:
-        entry = entry_for_job(store, job_id)
-        if entry is None:
-            job = store.job(job_id)
-            if job is None:
-                raise KeyError(f"no registry entry and no job {job_id}")
-            entry = ensure_entry(store, job)
+    if entry_for_job(store, job_id) is None:
+        job = store.job(job_id)
+        if job is None:
+            raise KeyError(f"no registry entry and no job {job_id}")
+        ensure_entry(store, job)
+
+    def merge(entry: dict[str, Any]) -> dict[str, Any]:
         entry = dict(entry)
         for key, value in (fields or {}).items():
             if key in ("metrics", "artifacts") and isinstance(value, dict):
@@ -139,18 +132,18 @@ def update_entry(store: Store, job_id: str, stage: str, fields: dict[str, Any]) 
         if stage not in entry["stages"]:
             entry["stages"] = [*entry["stages"], stage]
         entry["updated_at"] = utcnow()
-        store.models.update(entry, Q.job_id == job_id)
         return entry
+    return store.update_model(job_id, merge)
 
 
 def all_entries(store: Store) -> list[dict[str, Any]]:
-    return sorted((dict(e) for e in store.models.all()), key=lambda e: (e["name"], e["version"]))
+    return store.all_models()
 
 
 def previous_version(store: Store, name: str, version: int) -> dict[str, Any] | None:
     """The newest entry of ``name`` with a version below ``version`` (the A/B's previous model)."""
-    older = [e for e in store.models.search(Q.name == name) if e["version"] < version]
-    return dict(max(older, key=lambda e: e["version"])) if older else None
+    older = [e for e in store.models_named(name) if e["version"] < version]
+    return max(older, key=lambda e: e["version"]) if older else None
 
 
 def find_entry(store: Store, ref: str) -> dict[str, Any]:
@@ -160,9 +153,9 @@ def find_entry(store: Store, ref: str) -> dict[str, Any]:
         return dict(by_job)
     match = REF_PATTERN.match(ref.strip())
     name, version = (match["name"], match["version"]) if match else (ref, None)
-    candidates = store.models.search(Q.name == name)
+    candidates = store.models_named(name)
     if not candidates:
-        known = sorted({e["name"] for e in store.models.all()})
+        known = sorted({e["name"] for e in store.all_models()})
         hint = f"; known models: {', '.join(known)}" if known else "; no model is registered yet"
         raise UnknownModel(f"no model named {name!r}{hint}")
     if version is None:
@@ -237,7 +230,7 @@ def _read_store(args: argparse.Namespace) -> Store:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from daemon.cli import console
-    from daemon.registry_view import models_table
+    from daemon.modeltables import models_table
 
     entries = all_entries(_read_store(args))
     if args.json:
@@ -249,7 +242,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from daemon.cli import console, err_console
-    from daemon.registry_view import comparison_panel
+    from daemon.modeltables import comparison_panel
 
     store = _read_store(args)
     try:

@@ -1,4 +1,4 @@
-"""daemon.registry: versioned model entries in a real TinyDB store, and the models / compare commands."""
+"""daemon.modelregistry: versioned model entries in a real TinyDB store, and the models / compare commands."""
 from __future__ import annotations
 
 import argparse
@@ -6,34 +6,36 @@ import json
 
 import pytest
 
-from daemon import registry
+from daemon import modelregistry as registry
+from daemon.jobs import JobRecord, ModelRef, StageRecord, new_job
 from daemon.store import Store
+from trainbox.jobspec import JobSpec
 
 
 def _job(job_id: str, name: str = "guard", rows: dict | None = None, augmented: int | None = None,
-         train_loss: float | None = None) -> dict:
-    stages = [{"name": "prepare", "summary": {"format": "classification", "rows": rows or {"train": 80, "val": 10,
-                                                                                          "test": 10}}}]
+         train_loss: float | None = None) -> JobRecord:
+    stages = [StageRecord(name="prepare", summary={"format": "classification",
+                                                   "rows": rows or {"train": 80, "val": 10, "test": 10}})]
     if augmented is not None:
-        stages.append({"name": "augment", "summary": {"rows_total": augmented}})
-    stages.append({"name": "train", "summary": {"train_loss": train_loss} if train_loss is not None else {}})
-    return {"id": job_id, "name": name, "spec": {"base_model": "builtin:tiny"}, "datasets": ["abc123"],
-            "stages": stages}
+        stages.append(StageRecord(name="augment", summary={"rows_total": augmented}))
+    stages.append(StageRecord(name="train", summary={"train_loss": train_loss} if train_loss is not None else {}))
+    job = new_job(JobSpec(name=name, datasets=["guard.jsonl"], base_model="builtin:tiny"), source="test", claim=None)
+    return job.model_copy(update={"id": job_id, "datasets": ["abc123"], "stages": stages})
 
 
 @pytest.fixture()
 def store(tmp_path):
     s = Store.for_home(tmp_path)
-    s.datasets.insert({"sha256": "abc123", "name": "guard.jsonl", "rows": 100, "format": "classification",
+    s.insert_dataset({"sha256": "abc123", "name": "guard.jsonl", "rows": 100, "format": "classification",
                        "ingested_at": "2026-01-01T00:00:00+00:00"})
     return s
 
 
-def _register(store: Store, job: dict, loss: float, metrics: dict, winner: bool) -> dict:
-    store.jobs.insert(job)
+def _register(store: Store, job: JobRecord, loss: float, metrics: dict, winner: bool) -> dict:
+    store.insert_job(job)
     registry.ensure_entry(store, job)
-    registry.update_entry(store, job["id"], "train", {"train_loss": loss, "adapter": f"/jobs/{job['id']}/adapter"})
-    return registry.update_entry(store, job["id"], "evaluate", {"metrics": metrics, "winner": winner,
+    registry.update_entry(store, job.id, "train", {"train_loss": loss, "adapter": f"/jobs/{job.id}/adapter"})
+    return registry.update_entry(store, job.id, "evaluate", {"metrics": metrics, "winner": winner,
                                                                  "temperature": 1.7,
                                                                  "eval_report": "/r/report.html"})
 
@@ -44,7 +46,7 @@ def test_entries_are_versioned_per_name_and_idempotent_per_job(store):
     second = registry.ensure_entry(store, _job("j2"))
     other = registry.ensure_entry(store, _job("j3", name="other"))
     assert (first["version"], again["version"], second["version"], other["version"]) == (1, 1, 2, 1)
-    assert len(store.models) == 3
+    assert len(store.all_models()) == 3
     assert first["datasets"] == [{"sha256": "abc123", "name": "guard.jsonl", "rows": 100,
                                   "format": "classification"}]
     assert first["rows"] == {"original": 100, "augmented": None}
@@ -56,7 +58,7 @@ def test_entries_are_versioned_per_name_and_idempotent_per_job(store):
 
 def test_update_merges_stage_fields_and_refreshes_rows(store):
     job = _job("j1", augmented=250)
-    store.jobs.insert(job)
+    store.insert_job(job)
     registry.ensure_entry(store, job)
     registry.update_entry(store, "j1", "train", {"train_loss": 0.42, "adapter": "/a"})
     registry.update_entry(store, "j1", "evaluate", {"metrics": {"accuracy": 0.9}, "winner": True,
@@ -132,17 +134,18 @@ def test_models_and_compare_commands(store, tmp_path, capsys):
 
 
 # publishing -------------------------------------------------------------------------------------------
-def _export_job(store: Store) -> dict:
-    from daemon.jobs import new_job
-    from trainbox.jobspec import JobSpec
-
-    doc = new_job(JobSpec.model_validate({"name": "guard", "datasets": ["guard.jsonl"], "stages": ["export"]}),
+def _export_job(store: Store) -> JobRecord:
+    job = new_job(JobSpec.model_validate({"name": "guard", "datasets": ["guard.jsonl"], "stages": ["export"]}),
                   source="test", claim=None)
-    doc.update(state="running", datasets=["abc123"])
-    for stage in doc["stages"]:  # prepare is always added before export
-        stage["state"] = "running" if stage["name"] == "export" else "succeeded"
-    store.insert_job(doc)
-    return doc
+    job.datasets = ["abc123"]
+    job.move_to("queued")
+    for stage in job.stages:  # prepare is always added before export
+        stage.move_to("running")
+        if stage.name != "export":
+            stage.move_to("succeeded")
+    job.move_to("running")
+    store.insert_job(job)
+    return job
 
 
 def _exported_and_exited(layout, job_id: str, gguf: bytes):
@@ -188,25 +191,27 @@ def test_a_kill_while_publishing_then_the_rerun_replaces_its_own_v1(tmp_path):
     job = _export_job(store)
     # _stage_done's first store writes (registry entry, job.model), then the kill lands after the move
     entry = registry.ensure_entry(store, job)
-    store.update_job(job["id"], {"model": {"name": "guard", "version": entry["version"]}})
+    store.set_job_fields(job.id, model=ModelRef(name="guard", version=entry["version"]))
     before_move = (tmp_path / "state" / "trainbox.json").read_bytes()
-    run = _exported_and_exited(layout, job["id"], b"first attempt")
+    run = _exported_and_exited(layout, job.id, b"first attempt")
     _collect(supervisor, run)
     assert (layout.models / "guard" / "v1" / "model-q8_0.gguf").read_bytes() == b"first attempt"
     (tmp_path / "state" / "trainbox.json").write_bytes(before_move)  # the store write the kill prevented
 
     supervisor, layout, store = _supervisor(tmp_path)  # the restarted daemon
     supervisor.recover()
-    assert [s["state"] for s in store.job(job["id"])["stages"]] == ["succeeded", "pending"]
-    _collect(supervisor, _exported_and_exited(layout, job["id"], b"second attempt"))  # export ran again
+    assert [s.state for s in store.job(job.id).stages] == ["succeeded", "pending"]
+    run = _exported_and_exited(layout, job.id, b"second attempt")  # export ran again
+    store.stage_started(job.id, run.index, pid=run.proc.pid, device=run.slot)  # as _start_stage records it
+    _collect(supervisor, run)
 
     assert sorted(p.name for p in (layout.models / "guard").iterdir()) == ["v1"]
     published = layout.models / "guard" / "v1"
     assert (published / "model-q8_0.gguf").read_bytes() == b"second attempt"
-    assert json.loads((published / ".trainbox-published.json").read_text())["job_id"] == job["id"]
-    done = store.job(job["id"])
-    assert done["state"] == "succeeded"
-    assert done["stages"][1]["artifacts"]["modelfile"] == str(published / "Modelfile")
+    assert json.loads((published / ".trainbox-published.json").read_text())["job_id"] == job.id
+    done = store.job(job.id)
+    assert done.state == "succeeded"
+    assert done.stages[1].artifacts["modelfile"] == str(published / "Modelfile")
     entries = registry.all_entries(store)
     assert [(e["name"], e["version"]) for e in entries] == [("guard", 1)]
     assert entries[0]["artifacts"]["modelfile"] == str(published / "Modelfile")
@@ -221,7 +226,7 @@ def test_a_v1_folder_that_is_not_this_jobs_is_never_replaced(tmp_path, marker):
     if marker is not None:
         (theirs / ".trainbox-published.json").write_text(json.dumps(marker))
     job = _export_job(store)
-    _collect(supervisor, _exported_and_exited(layout, job["id"], b"new"))
+    _collect(supervisor, _exported_and_exited(layout, job.id, b"new"))
     assert (theirs / "notes.txt").read_text() == "mine, do not touch"
-    assert (layout.models / "guard" / f"v1-{job['id']}" / "model-q8_0.gguf").read_bytes() == b"new"
-    assert store.job(job["id"])["state"] == "succeeded"
+    assert (layout.models / "guard" / f"v1-{job.id}" / "model-q8_0.gguf").read_bytes() == b"new"
+    assert store.job(job.id).state == "succeeded"
