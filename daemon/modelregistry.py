@@ -17,8 +17,6 @@ from trainbox.protocol import EXIT_INVALID, EXIT_OK
 
 log = logging.getLogger(__name__)
 JSON_SCHEMA_VERSION = 1
-# fields of a stage's StageResult.model that are file paths: they are kept under ``artifacts``
-ARTIFACT_KEYS = ("adapter", "tokenizer", "eval_report", "merged", "gguf", "modelfile", "model_card")
 # keys under which the augment stage may report its output row count (first present wins)
 AUGMENTED_ROW_KEYS = ("rows_total", "total_rows", "rows_out", "augmented_rows", "rows")
 REF_PATTERN = re.compile(r"^(?P<name>.+?)(?:(?::|@v?)(?P<version>\d+))?$")
@@ -104,8 +102,9 @@ def ensure_entry(store: Store, job: JobRecord) -> dict[str, Any]:
 
 
 def update_entry(store: Store, job_id: str, stage: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """Merge a stage's ``StageResult.model`` into the entry: ``metrics``/``artifacts`` merge, paths go to
-    ``artifacts``, other keys are set. Row counts and train loss are refreshed from the job record."""
+    """Merge a stage's registry fields into the entry: ``metrics`` and ``artifacts`` (the paths its
+    ``StageResult.model_artifacts`` named) merge, other keys are set. Row counts and train loss are refreshed
+    from the job record."""
     if entry_for_job(store, job_id) is None:
         job = store.job(job_id)
         if job is None:
@@ -117,8 +116,6 @@ def update_entry(store: Store, job_id: str, stage: str, fields: dict[str, Any]) 
         for key, value in (fields or {}).items():
             if key in ("metrics", "artifacts") and isinstance(value, dict):
                 entry[key] = {**(entry.get(key) or {}), **value}
-            elif key in ARTIFACT_KEYS:
-                entry["artifacts"] = {**(entry.get("artifacts") or {}), key: value}
             else:
                 entry[key] = value
         job = store.job(job_id)

@@ -1,12 +1,13 @@
-"""Run each queued job's stages as child processes, one slot per GPU (and CPU), and record results.
+"""Run each queued job's stages as child processes, one slot per GPU (and CPU), and record their ends.
 
-The store is updated only here and in ingest, both from the daemon's main thread.
+It only supervises: starting, watching and stopping stage processes and recording their states in the store.
+What a result means for the model registry, the models/ folder and notifications is ``daemon.outcomes``'.
+The store is updated only from the daemon's main thread.
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -18,40 +19,16 @@ from daemon import modelregistry
 from daemon.children import (failure_message, is_stage_process, last_line, log_tail, send_stop,
                              start_stage_process, stop_orphan)
 from daemon.config import DaemonSettings
-from daemon.jobs import JobRecord, ModelRef, job_outcome, utcnow
+from daemon.jobs import JobRecord, utcnow
 from daemon.layout import Layout
+from daemon.outcomes import Outcomes
 from daemon.store import Store
-from trainbox.fsio import move_durably, read_json, write_json_atomically
+from trainbox.fsio import read_json
 from trainbox.protocol import (EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE,
                                DatasetEntry, StageSpec, read_result, write_record)
 
 log = logging.getLogger(__name__)
 PROGRESS_STORE_INTERVAL_S = 2.0
-PUBLISHED_MARKER = ".trainbox-published.json"  # inside a published model folder: which job put it there
-
-
-def publish_model_dir(src: Path, model_root: Path, version: int, job_id: str) -> Path:
-    """Move ``src`` to ``model_root/v<version>``; idempotent per job: one folder per version.
-
-    A folder already there that this job published (a daemon killed after the move, before the store said
-    so) is replaced by the new export; only a folder another job or a person put there makes this one
-    ``v<version>-<job id>``.
-    """
-    write_json_atomically(src / PUBLISHED_MARKER, {"job_id": job_id, "version": version, "published_at": utcnow()})
-    for dest in (model_root / f"v{version}", model_root / f"v{version}-{job_id}"):
-        owner = (read_json(dest / PUBLISHED_MARKER, {}) or {}).get("job_id") if dest.is_dir() else None
-        if owner == job_id:
-            log.info("%s was published by an earlier attempt of job %s; replacing it", dest, job_id)
-            old = dest.with_name(f".replaced-{dest.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            move_durably(dest, old)
-        elif dest.exists() or dest.is_symlink():
-            continue
-        move_durably(src, dest)
-        shutil.rmtree(dest.with_name(f".replaced-{dest.name}"), ignore_errors=True)
-        return dest
-    raise FileExistsError(f"{model_root}: v{version} and v{version}-{job_id} both belong to someone else; "
-                          f"move them away and run 'trainbox retry {job_id}'")
 
 
 @dataclass
@@ -79,6 +56,7 @@ class Supervisor:
         self.capacity = {f"cuda:{i}": settings.concurrency.jobs_per_gpu for i in gpus}
         self.capacity["cpu"] = settings.concurrency.cpu_jobs
         self.running: dict[str, Running] = {}
+        self.outcomes = Outcomes(layout, store, settings, notify)
 
     # start-up -------------------------------------------------------------
     def recover(self) -> None:
@@ -211,31 +189,12 @@ class Supervisor:
 
     def _stage_done(self, run: Running) -> None:
         result = read_result(run.stage_dir)
-        artifacts = {k: str(run.stage_dir / v) for k, v in result.artifacts.items()}
-        job = self.store.job(run.job_id)
-        if result.model:
-            entry = modelregistry.ensure_entry(self.store, job)
-            job = self.store.set_job_fields(run.job_id, model=ModelRef(name=entry["name"], version=entry["version"]))
-            if run.stage == "export" and "model_dir" in artifacts:
-                artifacts = self._publish(run, job, artifacts, result.message)
-            modelregistry.update_entry(self.store, run.job_id, run.stage, {**result.model, "artifacts": artifacts}
-                                  if run.stage == "export" else result.model)
-
+        artifacts = self.outcomes.stage_succeeded(run.job_id, run.stage, run.stage_dir, result)
         job = self.store.stage_ended(run.job_id, run.index, "skipped" if result.skipped else "succeeded",
                                      summary=result.summary, artifacts=artifacts, message=result.message)
         log.info("job %s: stage %s %s", run.job_id, run.stage, job.stages[run.index].state)
         if job.first_unfinished() is None:
             self._finish(run.job_id, "succeeded")
-
-    def _publish(self, run: Running, job: JobRecord, artifacts: dict[str, str], message: str) -> dict[str, str]:
-        """Move the exported model folder to models/<name>/v<version>/ (atomic rename, same filesystem)."""
-        src = Path(artifacts["model_dir"])
-        dest = publish_model_dir(src, self.layout.models / job.model.name, job.model.version, run.job_id)
-        out = {k: str(dest / Path(v).relative_to(src)) if Path(v).is_relative_to(src) else v
-               for k, v in artifacts.items()}
-        self._notify_job(job, "exported", "model_exported",
-                         f"trainbox exported {job.name} v{job.model.version}", f"{message}\n{dest}".strip())
-        return out
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
         path = run.stage_dir / PROGRESS_FILE
@@ -267,36 +226,18 @@ class Supervisor:
             except json.JSONDecodeError:
                 log.warning("unreadable event line in %s", path)
                 continue
-            kind, message = event.pop("kind", "stage_event"), event.pop("message", "")
-            self.store.add_event(kind, message, job_id=run.job_id, **event)
-            if kind in self.settings.notify.events:  # e.g. resource_warning; others are only recorded
-                self.notify(kind, kind.replace("_", " "), message, job_id=run.job_id)
+            self.outcomes.stage_event(run.job_id, event)
 
     # job ends -------------------------------------------------------------
     def _finish(self, job_id: str, state: str, error: str | None = None) -> None:
-        job = self.store.finish_job(job_id, state, error)
-        detail = error.splitlines()[0] if error else (job_outcome(job) if state == "succeeded" else "")
-        self.store.add_event(f"job_{state}", f"{job.name} ({job_id}) {state}" + (f": {detail}" if detail else ""),
-                             job_id=job_id)
-        self._notify_job(job, state, f"job_{state}", f"{job.name} {state}", detail or job_id)
-        log.log(logging.ERROR if state == "failed" else logging.INFO, "job %s %s%s", job_id, state,
-                f": {error or detail}" if (error or detail) else "")
-
-    def _notify_job(self, job: JobRecord, event: str, kind: str, title: str, body: str) -> None:
-        """Notify about ``job`` when its ``notify.on`` lists ``event``, spoken too when it sets ``notify.speak``."""
-        if event in job.spec.notify.on:
-            self.notify(kind, title, body, speak=job.spec.notify.speak, job_id=job.id)
+        self.outcomes.job_ended(self.store.finish_job(job_id, state, error))
 
     def _check_waiting(self) -> None:
         limit = self.settings.notify.waiting_too_long_seconds
         now = time.time()
         for job in self.store.jobs_in("waiting"):
-            if job.waiting_notified:
-                continue
-            if now - datetime.fromisoformat(job.created_at).timestamp() > limit:
-                self.store.set_job_fields(job.id, waiting_notified=True)
-                self._notify_job(job, "waiting", "job_waiting_too_long", f"trainbox: {job.name} is waiting",
-                                 f"no dataset matches {job.spec.datasets}")
+            if not job.waiting_notified and now - datetime.fromisoformat(job.created_at).timestamp() > limit:
+                self.outcomes.job_waiting_too_long(job)
 
     # requests and shutdown -------------------------------------------------
     def cancel(self, job_id: str) -> None:

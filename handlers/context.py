@@ -10,11 +10,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from handlers.diskspace import best_effort
 from trainbox.fsio import append_line_durably, write_json_atomically
-from trainbox.protocol import EVENTS_FILE, PROGRESS_FILE, STAGE_FILE, DatasetEntry, StageSpec
+from trainbox.protocol import EVENTS_FILE, PROGRESS_FILE, STAGE_FILE, DatasetEntry, StageSpec, StageSummary
+
+SummaryT = TypeVar("SummaryT", bound=StageSummary)
 
 
 class StageContext:
@@ -48,6 +50,11 @@ class StageContext:
     def input_dir(self, stage: str) -> Path:
         """Directory of an earlier stage of this job (its outputs are this stage's inputs)."""
         return self.stage_dirs[stage]
+
+    def summary_of(self, stage: str, model: type[SummaryT]) -> SummaryT | None:
+        """The ``summary`` an earlier stage of this job handed back, typed; None when it has not run."""
+        result = self.results.get(stage)
+        return None if result is None else model.model_validate(result.get("summary") or {})
 
     def input_artifact(self, stage: str, name: str) -> Path:
         """Absolute path of an artifact an earlier stage listed in its result."""

@@ -69,7 +69,7 @@ def test_tuned_demo_model_beats_its_random_base_and_the_report_says_so(demo):
     assert s["latency_p50_ms"] > 0 and s["latency_p95_ms"] >= s["latency_p50_ms"] and s["examples_per_s"] > 0
     assert result.model["winner"] is True and result.model["temperature"] == s["temperature"]
     assert result.model["metrics"]["accuracy"] == s["accuracy"]
-    assert Path(result.model["eval_report"]).is_absolute() and Path(result.model["eval_report"]).exists()
+    assert result.model_artifacts == {"eval_report": "report"} and (stage / result.artifacts["report"]).is_file()
 
     for name, rel in result.artifacts.items():
         assert (stage / rel).is_file(), name

@@ -34,10 +34,11 @@ def store(tmp_path):
 def _register(store: Store, job: JobRecord, loss: float, metrics: dict, winner: bool) -> dict:
     store.insert_job(job)
     registry.ensure_entry(store, job)
-    registry.update_entry(store, job.id, "train", {"train_loss": loss, "adapter": f"/jobs/{job.id}/adapter"})
+    registry.update_entry(store, job.id, "train", {"train_loss": loss,
+                                                   "artifacts": {"adapter": f"/jobs/{job.id}/adapter"}})
     return registry.update_entry(store, job.id, "evaluate", {"metrics": metrics, "winner": winner,
-                                                                 "temperature": 1.7,
-                                                                 "eval_report": "/r/report.html"})
+                                                             "temperature": 1.7,
+                                                             "artifacts": {"eval_report": "/r/report.html"}})
 
 
 def test_entries_are_versioned_per_name_and_idempotent_per_job(store):
@@ -60,9 +61,9 @@ def test_update_merges_stage_fields_and_refreshes_rows(store):
     job = _job("j1", augmented=250)
     store.insert_job(job)
     registry.ensure_entry(store, job)
-    registry.update_entry(store, "j1", "train", {"train_loss": 0.42, "adapter": "/a"})
+    registry.update_entry(store, "j1", "train", {"train_loss": 0.42, "artifacts": {"adapter": "/a"}})
     registry.update_entry(store, "j1", "evaluate", {"metrics": {"accuracy": 0.9}, "winner": True,
-                                                    "temperature": 1.5, "eval_report": "/r.html"})
+                                                    "temperature": 1.5, "artifacts": {"eval_report": "/r.html"}})
     entry = registry.update_entry(store, "j1", "export", {"artifacts": {"gguf": ["/m.gguf"]}})
     assert entry["train_loss"] == 0.42 and entry["winner"] is True and entry["temperature"] == 1.5
     assert entry["metrics"] == {"accuracy": 0.9}
@@ -162,7 +163,9 @@ def _exported_and_exited(layout, job_id: str, gguf: bytes):
     (stage_dir / "result.json").write_text(json.dumps({
         "state": "succeeded", "summary": {}, "message": "exported guard v1",
         "artifacts": {"model_dir": "model", "gguf_q8_0": "model/model-q8_0.gguf", "modelfile": "model/Modelfile"},
-        "model": {"artifacts": {"modelfile": "Modelfile"}, "gguf": ["model-q8_0.gguf"]}}))
+        "model": {"artifacts": {"modelfile": "Modelfile"}, "gguf": ["model-q8_0.gguf"]},
+        "model_artifacts": {"model_dir": "model_dir", "gguf_q8_0": "gguf_q8_0", "modelfile": "modelfile"},
+        "publish": "model_dir"}))
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     assert proc.wait(timeout=60) == 0
     return Running(job_id, 1, "export", "cpu", proc, stage_dir)

@@ -41,8 +41,8 @@ def test_result_follows_the_stage_contract(finished):
     assert s["total_steps"] == 12 and s["resumed_from_step"] is None
     assert s["min_loss"] <= s["final_loss"] and s["tokens_per_s"] > 0 and s["train_seconds"] > 0
     assert s["base_model_path"].endswith("builtin-tiny-v1") and s["method"] == "lora" and s["device"] == "cpu"
-    assert result.model == {"train_loss": s["final_loss"], "base_model": "builtin:tiny",
-                            "adapter": str((stage / "adapter").resolve())}
+    assert result.model == {"train_loss": s["final_loss"], "base_model": "builtin:tiny"}
+    assert result.model_artifacts == {"adapter": "adapter"} and result.publish is None
     assert s["modules_not_learning"] == []
 
 

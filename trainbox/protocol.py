@@ -55,7 +55,13 @@ class StageSpec(BaseModel):
 
 class StageResult(BaseModel):
     """``result.json``: what a stage hands back: small numbers for the store, paths (relative to the stage
-    dir) of its files, the registry fields of a model it produced, or why it failed."""
+    dir) of its files, the registry fields of a model it produced, or why it failed.
+
+    What the daemon does with it is declared here, never inferred from the stage's name: ``model`` (registry
+    fields, no paths) makes the job's model a registry version; ``model_artifacts`` names which of
+    ``artifacts`` the registry keeps for it (registry name -> artifact name); ``publish`` names the artifact,
+    a folder, that becomes ``models/<name>/v<version>/`` (every artifact inside it moves along).
+    """
 
     version: int = PROTOCOL_VERSION
     state: Literal["succeeded", "skipped", "failed"] = "succeeded"
@@ -63,11 +69,42 @@ class StageResult(BaseModel):
     artifacts: dict[str, str] = {}
     message: str = ""
     model: dict[str, Any] | None = None
+    model_artifacts: dict[str, str] = {}
+    publish: str | None = None
     error: str | None = None
 
     @property
     def skipped(self) -> bool:
         return self.state == "skipped"
+
+
+class StageSummary(BaseModel):
+    """A finished stage's ``summary`` as a later stage reads it (``ctx.summary_of(stage, Model)``): the fields
+    read across stages are declared and typed; every other key is kept as it was written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as the stage wrote it (declared fields it did not write stay out)."""
+        return self.model_dump(exclude_unset=True)
+
+
+class PrepareSummary(StageSummary):
+    format: str | None = None  # the most common row format
+    rows: dict[str, int] = {}  # rows per split
+    labels: dict[str, int] = {}  # classification labels and their counts, all splits together
+
+
+class TrainSummary(StageSummary):
+    base_model_path: str | None = None  # the local folder the base model was loaded from
+    final_loss: float | None = None
+    total_steps: int | None = None
+
+
+class EvaluateSummary(StageSummary):
+    winner: bool | None = None  # None: no verdict
+    winner_reason: str | None = None
+    accuracy: float | None = None
 
 
 def write_record(path: Path, record: StageSpec | StageResult) -> None:

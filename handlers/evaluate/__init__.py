@@ -11,7 +11,7 @@ from typing import Any
 
 from handlers.context import StageContext
 from trainbox.errors import StageFailed
-from trainbox.protocol import StageResult
+from trainbox.protocol import PrepareSummary, StageResult
 from trainbox.rows import PAIR_KINDS, Example
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def chosen_conversation(ex: Example) -> Example:
 
 
 def _labels(ctx: StageContext, rows: list[Example]) -> list[str]:
-    labels = ctx.results.get("prepare", {}).get("summary", {}).get("labels") or {}
+    prepare = ctx.summary_of("prepare", PrepareSummary)
+    labels = prepare.labels if prepare is not None else {}
     return sorted(set(labels) | {ex.label for ex in rows if ex.label is not None})
 
 
@@ -90,13 +91,12 @@ def run(ctx: StageContext) -> StageResult:
         results = evaluate_generation(ctx, models, [chosen_conversation(ex) for ex in test])
     artifacts = write_reports(ctx.stage_dir, results, ctx.job, ctx.model)
     summary = summarize(results)
-    report = str((ctx.stage_dir / artifacts["report"]).resolve())
     model = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-             "winner": results["winner"], "eval_report": report}
+             "winner": results["winner"]}
     if summary.get("temperature") is not None:
         model["temperature"] = summary["temperature"]
     verdict = {True: "winner", False: "not a winner", None: "no verdict"}[results["winner"]]
     headline = (f"accuracy {summary['accuracy']:.3f}" if "accuracy" in summary
                 else f"token-weighted eval loss {summary['eval_loss']:.4f}")
-    return StageResult(summary=summary, artifacts=artifacts, model=model,
+    return StageResult(summary=summary, artifacts=artifacts, model=model, model_artifacts={"eval_report": "report"},
                        message=f"{headline}; {verdict}: {results['winner_reason']}")

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from handlers.modelio import load_causal_lm, load_tokenizer, resolve_base_model
 from trainbox.errors import StageFailed
+from trainbox.protocol import TrainSummary
 
 log = logging.getLogger(__name__)
 TUNED, BASE, PREVIOUS = "tuned", "base", "previous"
@@ -40,8 +41,8 @@ class EvalModels:
 
 
 def base_model_ref(ctx: Any) -> str:
-    summary = ctx.results.get("train", {}).get("summary", {})
-    return summary.get("base_model_path") or resolve_base_model(ctx.job.base_model, ctx.home)
+    train = ctx.summary_of("train", TrainSummary)
+    return (train and train.base_model_path) or resolve_base_model(ctx.job.base_model, ctx.home)
 
 
 def _dtype(device: str) -> Any:

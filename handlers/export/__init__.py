@@ -21,7 +21,7 @@ from handlers.export.tokenizer_meta import read_tokenizer_meta
 from trainbox.errors import StageFailed, StopRequested
 from trainbox.fsio import write_json_atomically
 from trainbox.preflight import export_problems
-from trainbox.protocol import StageResult
+from trainbox.protocol import EvaluateSummary, PrepareSummary, StageResult, TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ CHAT_PROBES = [
 def _skip_reason(ctx: StageContext) -> str | None:
     if not ctx.job.export.only_if_winner:
         return None
-    summary = (ctx.results.get("evaluate") or {}).get("summary") or {}
-    if summary.get("winner") is True:
+    evaluation = ctx.summary_of("evaluate", EvaluateSummary)
+    if evaluation is not None and evaluation.winner is True:
         return None
-    if "winner" not in summary:
+    if evaluation is None or "winner" not in evaluation.model_fields_set:
         return "export.only_if_winner is set but no evaluate result names a winner; nothing exported"
-    why = summary.get("winner_reason") or "the fine-tuned model did not beat its reference"
+    why = evaluation.winner_reason or "the fine-tuned model did not beat its reference"
     return f"export.only_if_winner is set and the model is not the winner ({why}); nothing exported"
 
 
@@ -59,9 +59,9 @@ def _withhold(entry: dict[str, Any], path: Path, reason: str) -> None:
 
 
 def _export_gguf(ctx: StageContext, out: Path, merged_dir: Path, model: Any, tokenizer: Any,
-                 base_ref: str, name: str) -> tuple[list[dict[str, Any]], list[str], list[str], Any]:
+                 base_model_path: str, name: str) -> tuple[list[dict[str, Any]], list[str], list[str], Any]:
     config = json.loads((merged_dir / "config.json").read_text())
-    extra = (Path(base_ref),) if Path(base_ref).is_dir() else ()
+    extra = (Path(base_model_path),) if Path(base_model_path).is_dir() else ()
     meta = read_tokenizer_meta(merged_dir, int(config["vocab_size"]), tokenizer, extra_dirs=extra)
     prompts = _verify_prompts(ctx, tokenizer, meta.add_bos)
     rope = (config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -130,8 +130,12 @@ def run(ctx: StageContext) -> StageResult:
     spec = ctx.job.export
     name = (ctx.model or {}).get("name") or ctx.job.name
     version = int((ctx.model or {}).get("version") or 1)
-    base_ref = str(ctx.results["train"]["summary"]["base_model_path"])
-    config_path = Path(base_ref) / "config.json"
+    train = ctx.summary_of("train", TrainSummary)
+    if train is None or not train.base_model_path:
+        raise StageFailed("the train stage recorded no base model path; run train before export "
+                          "(stages: [prepare, train, export])")
+    base_model_path = train.base_model_path
+    config_path = Path(base_model_path) / "config.json"
     issues = export_problems(json.loads(config_path.read_text()) if config_path.is_file() else None, spec)
     if issues:
         raise StageFailed("; ".join(p.sentence() for p in issues))
@@ -142,7 +146,7 @@ def run(ctx: StageContext) -> StageResult:
     merged_dir = out / "merged" if spec.merged else ctx.stage_dir / "merged-work"
     ctx.report_progress(force=True, phase="merge")
     device = ctx.device if str(ctx.device).startswith("cuda") else "cpu"
-    model, tokenizer = merge.merge_adapter(base_ref, ctx.input_artifact("train", "adapter"),
+    model, tokenizer = merge.merge_adapter(base_model_path, ctx.input_artifact("train", "adapter"),
                                            ctx.input_artifact("train", "tokenizer"), merged_dir, device=device)
     shutil.copytree(ctx.input_artifact("train", "adapter"), out / "adapter")
     artifacts = {"model_dir": MODEL_DIR, "adapter": f"{MODEL_DIR}/adapter"}
@@ -151,7 +155,7 @@ def run(ctx: StageContext) -> StageResult:
     ggufs, problems, warnings, meta = [], [], [], None
     info: dict[str, Any] = {}
     if spec.gguf:
-        ggufs, problems, warnings, meta = _export_gguf(ctx, out, merged_dir, model, tokenizer, base_ref, name)
+        ggufs, problems, warnings, meta = _export_gguf(ctx, out, merged_dir, model, tokenizer, base_model_path, name)
     withheld = [g for g in ggufs if "withheld" in g]
     ggufs = [g for g in ggufs if "withheld" not in g]
     warnings += [f"{g['file']} withheld: {g['withheld']}" for g in withheld]
@@ -175,13 +179,15 @@ def run(ctx: StageContext) -> StageResult:
     write_json_atomically(out / "verification.json", verification)
     artifacts["verification"] = f"{MODEL_DIR}/verification.json"
     rel = {k: v[len(MODEL_DIR) + 1:] for k, v in artifacts.items() if k != "model_dir"}
-    prepare = (ctx.results.get("prepare") or {}).get("summary") or {}
+    prepare = ctx.summary_of("prepare", PrepareSummary)
+    evaluation = ctx.summary_of("evaluate", EvaluateSummary)
     card = modelcard.model_card(
         name=name, version=version, base_model=ctx.job.base_model,
         datasets=[{"name": d.name, "rows": d.rows, "sha256": d.sha256} for d in ctx.datasets] or
-        [{"name": "splits", "rows": prepare.get("rows")}],
-        train=ctx.job.train.model_dump(), train_summary=(ctx.results.get("train") or {}).get("summary") or {},
-        evaluation=ctx.results.get("evaluate"), ggufs=ggufs, ollama=info, artifacts=rel, withheld=withheld)
+        [{"name": "splits", "rows": prepare.rows if prepare else None}],
+        train=ctx.job.train.model_dump(), train_summary=train.as_dict(),
+        evaluation=evaluation.as_dict() if evaluation else None, ggufs=ggufs, ollama=info, artifacts=rel,
+        withheld=withheld)
     (out / "README.md").write_text(card, encoding="utf-8")
     artifacts["model_card"] = f"{MODEL_DIR}/README.md"
     rel["model_card"] = "README.md"
@@ -199,5 +205,8 @@ def run(ctx: StageContext) -> StageResult:
         message += f"; Ollama ({info['status']}): {info['command']}"
     if ggufs:
         ctx.emit_event("exported", message, ollama_command=info.get("command"), ollama_status=info.get("status"))
+    # model.artifacts lists the files inside the model folder (relative to it); the registry keeps every
+    # artifact at its published place, and the daemon publishes the model folder
     return StageResult(summary=summary, artifacts=artifacts, message=message,
-                       model={"artifacts": rel, "gguf": [g["file"] for g in ggufs], "verification": verification})
+                       model={"artifacts": rel, "gguf": [g["file"] for g in ggufs], "verification": verification},
+                       model_artifacts={name: name for name in artifacts}, publish="model_dir")

@@ -22,7 +22,7 @@ def saved_dtype(base_config: Any) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name.replace("torch.", ""), torch.float32)
 
 
-def merge_adapter(base_ref: str, adapter_dir: Path, tokenizer_dir: Path, out_dir: Path,
+def merge_adapter(base_model_path: str, adapter_dir: Path, tokenizer_dir: Path, out_dir: Path,
                   device: str = "cpu") -> tuple[Any, Any]:
     """Load base + adapter, ``merge_and_unload`` in float32, save weights (safetensors), tokenizer and
     generation config to ``out_dir``. Returns the merged model (float32, eval mode) and the tokenizer."""
@@ -33,12 +33,12 @@ def merge_adapter(base_ref: str, adapter_dir: Path, tokenizer_dir: Path, out_dir
         raise StageFailed(f"{adapter_dir} holds no adapter_config.json: the train stage's adapter is incomplete; "
                           "retry the job so train runs again")
     tokenizer = modelio.load_tokenizer(tokenizer_dir)
-    base = modelio.load_causal_lm(base_ref, device=device, dtype=torch.float32)
+    base = modelio.load_causal_lm(base_model_path, device=device, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     from transformers import AutoConfig
 
-    dtype = saved_dtype(AutoConfig.from_pretrained(str(base_ref)))  # loading in float32 rewrote base.config
+    dtype = saved_dtype(AutoConfig.from_pretrained(str(base_model_path)))  # loading in float32 rewrote base.config
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if dtype is torch.float32:
@@ -47,8 +47,8 @@ def merge_adapter(base_ref: str, adapter_dir: Path, tokenizer_dir: Path, out_dir
         model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
         model.to(torch.float32)
     tokenizer.save_pretrained(out_dir)
-    for src in (Path(tokenizer_dir), Path(base_ref)):
+    for src in (Path(tokenizer_dir), Path(base_model_path)):
         if (src / SP_MODEL).is_file() and not (out_dir / SP_MODEL).exists():
             shutil.copy2(src / SP_MODEL, out_dir / SP_MODEL)  # real SentencePiece scores for the GGUF
-    log.info("merged %s + %s into %s (%s)", base_ref, adapter_dir, out_dir, str(dtype).replace("torch.", ""))
+    log.info("merged %s + %s into %s (%s)", base_model_path, adapter_dir, out_dir, str(dtype).replace("torch.", ""))
     return model.to("cpu"), tokenizer

@@ -200,7 +200,7 @@ def run_train(ctx: StageContext) -> StageResult:
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
            resumed_from: int | None, n_train: int, n_val: int, warnings: list[str]) -> StageResult:
     stage_dir, state, history = ctx.stage_dir, run.state, run.metrics.history
-    adapter_dir, _tokenizer_dir = save_outputs(stage_dir, run.model, tokenizer)
+    save_outputs(stage_dir, run.model, tokenizer)
     run.metrics.ensure_complete()
     run.metrics.write_csv()
     metrics.plot_curves(history, stage_dir / metrics.PLOT)
@@ -239,5 +239,5 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
     loss_text = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
     message = f"trained {run.total_steps} steps ({plan.method}, {plan.device}), final loss {loss_text}"
     return StageResult(summary=summary, artifacts=files, message="; ".join([message, *warnings]),
-                       model={"train_loss": summary["final_loss"], "base_model": ctx.job.base_model,
-                              "adapter": str(adapter_dir.resolve())})
+                       model={"train_loss": summary["final_loss"], "base_model": ctx.job.base_model},
+                       model_artifacts={"adapter": "adapter"})
