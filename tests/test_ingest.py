@@ -170,7 +170,7 @@ def test_augment_stage_is_accepted_and_its_multiplier_checked(ingestor: Ingestor
     put(ingestor, "big.yaml", "name: big\ndatasets: [d]\nstages: [prepare, augment, train]\naugment:\n  multiplier: 30\n")
     assert "augment.multiplier: must be `auto` or a number from 1 to 20" in only_rejection(ingestor)
     put(ingestor, "a.yaml", "name: a\ndatasets: [d]\nstages: [prepare, augment, train]\naugment: {multiplier: 2.5}\n")
-    assert [j["name"] for j in ingestor.store.all_jobs()] == ["a"]
+    assert [j.name for j in ingestor.store.all_jobs()] == ["a"]
 
 
 def test_same_name_rejected_twice_keeps_both(ingestor: Ingestor) -> None:
