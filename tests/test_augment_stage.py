@@ -87,6 +87,16 @@ def test_quality_scores_junk_low_and_rewrites_high() -> None:
     assert [quality.level(q) for q in (0.9, 0.6, 0.1)] == ["high", "medium", "low"]
 
 
+def test_rules_rewrites_change_the_register_and_keep_sentences_whole() -> None:
+    text = "Whoa, big move. What's going on? I think you should talk to them, don't you?"
+    assert rules.concise(text) == "Whoa, big move. What's going on?"
+    assert rules.direct(text) == "Whoa, big move. What's going on? You should talk to them, don't you?"
+    assert rules.formal("Hey, I'm gonna be late!") == "Hello, I am going to be late."
+    assert rules.informal("Thank you, I do not know yet.") == "Thanks, I don't know yet."
+    assert rules.tactful("You should leave now.").startswith("I understand, and I hope this helps. You might consider")
+    assert rules.rewrite("relationship:authority", "Sure, I'll do it.") == "Certainly, I will do it."
+
+
 def test_dedup_exact_after_normalising_and_near_by_shingles() -> None:
     import numpy as np
 

@@ -55,7 +55,7 @@ def _capitalise(text: str) -> str:
 def _drop_hedges(text: str) -> str:
     for hedge in HEDGES:
         text = re.sub(rf"(?<![\w']){re.escape(hedge)}", "", text, flags=re.IGNORECASE)
-    return _capitalise(". ".join(_capitalise(s) for s in re.split(r"(?<=[.!?])\s+", text)).replace("..", "."))
+    return " ".join(_capitalise(s) for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip())
 
 
 def formal(text: str) -> str:
