@@ -13,12 +13,10 @@ from typing import Any
 from daemon.cli import print_json
 from daemon.jobs import JobRecord, utcnow
 from daemon.store import Store
-from trainbox.protocol import EXIT_INVALID, EXIT_OK
+from trainbox.protocol import EXIT_INVALID, EXIT_OK, AugmentSummary
 
 log = logging.getLogger(__name__)
 JSON_SCHEMA_VERSION = 1
-# keys under which the augment stage may report its output row count (first present wins)
-AUGMENTED_ROW_KEYS = ("rows_total", "total_rows", "rows_out", "augmented_rows", "rows")
 REF_PATTERN = re.compile(r"^(?P<name>.+?)(?:(?::|@v?)(?P<version>\d+))?$")
 
 
@@ -45,15 +43,15 @@ def _count(value: Any) -> int | None:
 
 
 def rows_of(job: JobRecord, datasets: list[dict[str, Any]]) -> dict[str, int | None]:
-    """Original rows (prepare's splits together) and rows after augmentation (None without augment)."""
+    """Original rows (prepare's splits together) and the same after augmentation added rows to the train split
+    (None without augment)."""
     prepare = _stage_summary(job, "prepare") or {}
     original = _count(prepare.get("rows"))
     if original is None:  # before prepare ran: what the store knows about the datasets
         original = sum(int(d.get("rows") or 0) for d in datasets) or None
-    augmented = None
     augment = _stage_summary(job, "augment")
-    if augment:
-        augmented = next((c for c in (_count(augment.get(k)) for k in AUGMENTED_ROW_KEYS) if c is not None), None)
+    generated = AugmentSummary.model_validate(augment).rows_generated if augment else None
+    augmented = original + generated if original is not None and generated is not None else None
     return {"original": original, "augmented": augmented}
 
 

@@ -17,7 +17,10 @@ def _job(job_id: str, name: str = "guard", rows: dict | None = None, augmented: 
     stages = [StageRecord(name="prepare", summary={"format": "classification",
                                                    "rows": rows or {"train": 80, "val": 10, "test": 10}})]
     if augmented is not None:
-        stages.append(StageRecord(name="augment", summary={"rows_total": augmented}))
+        train = (rows or {"train": 80})["train"]  # augmented: all rows after augment grew the train split
+        generated = augmented - sum((rows or {"train": 80, "val": 10, "test": 10}).values())
+        stages.append(StageRecord(name="augment", summary={"rows_original": train, "rows_generated": generated,
+                                                           "rows_total": train + generated}))
     stages.append(StageRecord(name="train", summary={"train_loss": train_loss} if train_loss is not None else {}))
     job = new_job(JobSpec(name=name, datasets=["guard.jsonl"], base_model="builtin:tiny"), source="test", claim=None)
     return job.model_copy(update={"id": job_id, "datasets": ["abc123"], "stages": stages})

@@ -95,6 +95,12 @@ class PrepareSummary(StageSummary):
     labels: dict[str, int] = {}  # classification labels and their counts, all splits together
 
 
+class AugmentSummary(StageSummary):
+    rows_original: int | None = None  # train rows before augmentation
+    rows_generated: int | None = None  # generated rows added to them (val and test are never augmented)
+    rows_total: int | None = None  # train rows after augmentation
+
+
 class TrainSummary(StageSummary):
     base_model_path: str | None = None  # the local folder the base model was loaded from
     final_loss: float | None = None
