@@ -70,7 +70,7 @@ def server(tmp_path_factory):
 def _settings(url: str) -> dict:
     return {"backend": "llm", "multiplier": 2, "min_quality": 0.5, "min_rows": 40,
             "techniques": ["style_transfer", "relationship", "hard_negative"],
-            "llm": {"url": url, "model": "tiny", "max_tokens": 24, "concurrency": 1, "timeout_seconds": 30}}
+            "llm": {"url": url, "model": "tiny", "max_tokens": 24, "concurrency": 2, "timeout_seconds": 30}}
 
 
 def _journal_records(stage: Path) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,9 +41,13 @@ class LlmRewriter:
         self.spec, self.seed, self.model = spec, seed, spec.model
         self.cache_dir = cache_dir
         self.hits = self.misses = 0
+        self._count = threading.Lock()
+        self._in_flight = threading.BoundedSemaphore(spec.concurrency)  # across every thread that calls rewrite
 
     def rewrite(self, requests: list[Request]) -> list[str | None]:
-        with ThreadPoolExecutor(max_workers=self.spec.concurrency) as pool:
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(requests), self.spec.concurrency)) as pool:
             answers = list(pool.map(self._one, requests))
         return [_clean(a, r.text) for a, r in zip(answers, requests)]
 
@@ -54,10 +59,13 @@ class LlmRewriter:
         messages = chat_messages(request)
         path = self.cache_dir / (key := self._key(messages))[:2] / f"{key}.json"
         if path.is_file():
-            self.hits += 1
+            with self._count:
+                self.hits += 1
             return str(json.loads(path.read_text(encoding="utf-8"))["text"])
-        text = self._post(messages)
-        self.misses += 1
+        with self._in_flight:
+            text = self._post(messages)
+        with self._count:
+            self.misses += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(path, {"model": self.model, "seed": self.seed, "messages": messages, "text": text})
         return text

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -97,13 +98,30 @@ def neighbour_finder(sources: list[Source], prompts: np.ndarray,
     return neighbours
 
 
+def generate(ctx: StageContext, sources: list[Source], tools: Tools, journal: Journal, width: int) -> None:
+    """Every technique on each source row the journal does not have yet, ``width`` rows at a time (so an llm
+    endpoint gets ``concurrency`` requests in flight); rows are journaled in source order."""
+    def rows_of(source: Source) -> list[Example]:
+        return [row for name in tools.spec.techniques for row in TECHNIQUES[name](source, tools)]
+
+    todo = sources[journal.done:]
+    with ThreadPoolExecutor(max_workers=width) as pool:
+        for start in range(0, len(todo), width):
+            if ctx.should_stop():
+                raise StopRequested(f"augmented {journal.done} of {len(sources)} source rows; resumes from there")
+            chunk = todo[start:start + width]
+            for source, rows in zip(chunk, pool.map(rows_of, chunk)):
+                journal.append(source.index, source.id, rows)
+            ctx.report_progress(step=journal.done, total_steps=len(sources), rows_generated=len(journal.rows))
+
+
 def run_augment(ctx: StageContext) -> StageResult:
     spec, started = ctx.job.augment, time.time()
     train_file = train_split(ctx)
     examples, sources = read_sources(train_file, spec)
     multiplier, rule = target_multiplier(spec, len(examples))
     wanted = max(0, round(multiplier * len(examples)) - len(examples))
-    log.info("augmenting %d train rows to %dx (%s): %d new rows wanted from %s (%s backend)", len(examples),
+    log.info("augmenting %d train rows to %gx (%s): %d new rows wanted from %s (%s backend)", len(examples),
              multiplier, rule, wanted, ", ".join(spec.techniques), spec.backend)
     out = ctx.stage_dir / OUT
     out.mkdir(parents=True, exist_ok=True)
@@ -115,12 +133,7 @@ def run_augment(ctx: StageContext) -> StageResult:
     per_technique = max(1, math.ceil(2 * wanted / (len(sources) * len(spec.techniques))))
     tools = Tools(spec, rewriter, neighbour_finder(sources, prompts, replies), per_technique)
     journal = Journal(out / "journal.jsonl", fingerprint(spec, ctx.job.seed, per_technique, train_file))
-    for source in sources[journal.done:]:
-        if ctx.should_stop():
-            raise StopRequested(f"augmented {journal.done} of {len(sources)} source rows; resumes from there")
-        rows = [row for name in spec.techniques for row in TECHNIQUES[name](source, tools)]
-        journal.append(source.index, source.id, rows)
-        ctx.report_progress(step=journal.done, total_steps=len(sources), rows_generated=len(journal.rows))
+    generate(ctx, sources, tools, journal, spec.llm.concurrency if spec.backend == "llm" else 1)
     by_id = {s.id: s for s in sources}
     source_replies = {s.id: replies[k] for k, s in enumerate(sources)}
     embeddings = {**source_replies, **score_rows(journal.rows, by_id, source_replies, encoder)}
