@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from handlers.augment import quality, rules
 from handlers.augment.dedup import Deduplicator, normalised_hash
 from handlers.augment.stage import auto_multiplier, run_augment
 from handlers.context import load_context
-from trainbox.errors import StageFailed
+from trainbox.errors import StageFailed, StopRequested
 from trainbox.rows import read_examples
 
 SETTINGS = {"multiplier": 3, "min_quality": 0.5}
@@ -61,6 +62,24 @@ def test_stats_summary_and_message_agree(augmented) -> None:
     page = (stage / "augment_summary.html").read_text()
     assert "80 &rarr; 240 rows, 3.00x" in page and page.count("<h3>") == 4
     assert result.artifacts["train"] == "augmented/train.jsonl"
+
+
+def test_a_stopped_run_with_a_torn_journal_resumes_to_the_same_bytes(augmented, tmp_path: Path) -> None:
+    stage, _ = augmented
+    copy = tmp_path / "augment"
+    shutil.copytree(stage, copy)
+    journal = copy / "augmented" / "journal.jsonl"
+    lines = journal.read_bytes().split(b"\n")
+    journal.write_bytes(b"\n".join(lines[:31]) + b"\n" + lines[31][:40])  # header, 30 rows, half a record
+    (copy / "augmented" / "train.jsonl").unlink()
+    stopping = load_context(copy)
+    stopping.request_stop()
+    with pytest.raises(StopRequested, match="augmented 30 of 80 source rows"):
+        run_augment(stopping)
+    assert journal.read_bytes() == b"\n".join(lines[:31]) + b"\n"  # the torn record is cut off
+    run_augment(load_context(copy))
+    assert journal.read_bytes() == (stage / "augmented" / "journal.jsonl").read_bytes()
+    assert (copy / "augmented" / "train.jsonl").read_bytes() == (stage / "augmented" / "train.jsonl").read_bytes()
 
 
 def test_too_few_rows_fail_before_any_work(tmp_path: Path) -> None:
