@@ -31,11 +31,13 @@ class Encoder:
     """Unit-length sentence embeddings, so a dot product is the cosine similarity."""
 
     def __init__(self, name: str):
-        from sentence_transformers import SentenceTransformer
-
         self.path = encoder_path(name)
-        if Path(self.path).is_dir():
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no network; never wait for one
+        if Path(self.path).is_dir():  # a local folder needs no network; set before huggingface_hub reads it
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a progress bar per load is noise in stage.log
         try:
             self.model = SentenceTransformer(self.path, device="cpu")
         except (OSError, ValueError) as exc:
