@@ -63,6 +63,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if comparison:
         summary["p_value"] = comparison["mcnemar"]["p_value"] if "mcnemar" in comparison \
             else comparison["wilcoxon_p_value"]
+    preference = results.get("preference")
+    if preference:
+        summary["preference_accuracy"] = preference["models"]["tuned"]["accuracy"]
+        summary["preference_pairs"] = preference["pairs"]
+        if "base" in preference["models"]:
+            summary["base_preference_accuracy"] = preference["models"]["base"]["accuracy"]
+        versus = preference["comparisons"].get(results["reference"] or "")
+        if versus:
+            summary["preference_p_value"] = versus["mcnemar"]["p_value"]
     prev = results["models"].get("previous", {}).get("metrics", {})
     if prev.get("accuracy") is not None:
         summary["previous_accuracy"] = prev["accuracy"]
@@ -73,6 +82,7 @@ def run(ctx: StageContext) -> StageResult:
     from handlers.evaluate.classification import evaluate_classification
     from handlers.evaluate.generation import evaluate_generation
     from handlers.evaluate.models import load_models
+    from handlers.evaluate.preference import evaluate_preferences
     from handlers.evaluate.report import write_reports
 
     spec = ctx.job.evaluate
@@ -89,6 +99,7 @@ def run(ctx: StageContext) -> StageResult:
         results = evaluate_classification(ctx, models, test, val, _labels(ctx, [*test, *val]))
     else:
         results = evaluate_generation(ctx, models, [chosen_conversation(ex) for ex in test])
+    results["preference"] = evaluate_preferences(ctx, models, test)
     artifacts = write_reports(ctx.stage_dir, results, ctx.job, ctx.model)
     summary = summarize(results)
     model = {"metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -98,5 +109,8 @@ def run(ctx: StageContext) -> StageResult:
     verdict = {True: "winner", False: "not a winner", None: "no verdict"}[results["winner"]]
     headline = (f"accuracy {summary['accuracy']:.3f}" if "accuracy" in summary
                 else f"token-weighted eval loss {summary['eval_loss']:.4f}")
+    if "preference_accuracy" in summary:
+        headline += f", preference accuracy {summary['preference_accuracy']:.3f}" + (
+            f" (base {summary['base_preference_accuracy']:.3f})" if "base_preference_accuracy" in summary else "")
     return StageResult(summary=summary, artifacts=artifacts, model=model, model_artifacts={"eval_report": "report"},
                        message=f"{headline}; {verdict}: {results['winner_reason']}")

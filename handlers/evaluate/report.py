@@ -45,7 +45,11 @@ def results_document(results: dict[str, Any], job: Any, model: dict[str, Any] | 
     for m in models.values():
         if "generation" in m:
             m["generation"] = {k: v for k, v in m["generation"].items() if k not in DROPPED_KEYS}
-    doc = {k: v for k, v in results.items() if k not in ("models", "y_true", "ids", "references")}
+    doc = {k: v for k, v in results.items() if k not in ("models", "y_true", "ids", "references", "preference")}
+    pref = results.get("preference")  # per-pair outcomes live in preference_pairs.jsonl
+    doc["preference"] = {**{k: v for k, v in pref.items() if k not in ("models", "ids")},
+                         "models": {n: {k: v for k, v in m.items() if k != "correct"}
+                                    for n, m in pref["models"].items()}} if pref else None
     return _clean({"schema_version": RESULTS_SCHEMA_VERSION, "created_at": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), "job": job.name, "model": model, "base_model": job.base_model,
         "mode": job.evaluate.mode, "critical_label": job.evaluate.critical_label, "n_test": _n_test(results),
@@ -83,6 +87,14 @@ def write_answers(path: Path, results: dict[str, Any]) -> None:
             row[name] = m["outputs"][i]
             row[f"{name}_scores"] = {k: round(v[i], 6) for k, v in m["answer_scores"].items()}
         lines.append(json.dumps(row, ensure_ascii=False))
+    write_text_atomically(path, "\n".join(lines) + "\n")
+
+
+def write_pair_outcomes(path: Path, preference: dict[str, Any]) -> None:
+    """Per held-out pair: whether each model scored the chosen answer higher."""
+    models = preference["models"]
+    lines = [json.dumps({"id": pair_id, **{f"{n}_chosen_higher": m["correct"][i] for n, m in models.items()}})
+             for i, pair_id in enumerate(preference["ids"])]
     write_text_atomically(path, "\n".join(lines) + "\n")
 
 
@@ -159,6 +171,9 @@ def write_reports(stage_dir: Path, results: dict[str, Any], job: Any,
     elif results["answered"]:
         write_answers(stage_dir / "answers.jsonl", results)
         artifacts["answers"] = "answers.jsonl"
+    if results.get("preference"):
+        write_pair_outcomes(stage_dir / "preference_pairs.jsonl", results["preference"])
+        artifacts["preference_pairs"] = "preference_pairs.jsonl"
     images = make_plots(stage_dir, results)
     write_text_atomically(stage_dir / "report.html", render_html(doc, images))
     artifacts["report"] = "report.html"
