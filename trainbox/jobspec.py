@@ -138,6 +138,51 @@ class PreferenceSpec(Strict):
                                "the same prompt and answer already is a training row); never the rejected one.")
 
 
+class DistributedSpec(Strict):
+    """Data-parallel training over several processes, launched through torchrun (docs/distributed.md)."""
+
+    devices: int | Literal["all"] = Field(
+        1, description="Processes (one per GPU) on this machine; `all` = every GPU the daemon manages. With "
+                       "`train.device: cpu` a number runs that many CPU processes (gloo), e.g. to test a setup.")
+    nnodes: int = Field(1, ge=1, description="Machines taking part; each runs the same job with its own `node_rank`.")
+    node_rank: int = Field(0, ge=0, description="This machine's number, 0 to nnodes - 1; node 0 writes checkpoints "
+                                                "and the adapter.")
+    rdzv_endpoint: str | None = Field(
+        None, description="`host:port` of torchrun's rendezvous (node 0's address); needed when nnodes > 1.")
+    rdzv_id: str | None = Field(None, description="Rendezvous id shared by the machines of one run (default: the "
+                                                  "job name).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="`ddp` replicates the model on every device; `fsdp` is not available yet (rejected at "
+                           "drop time).")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1 (or all)")
+        return v
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9._\-\[\]:]+:\d{1,5}", v):
+            raise ValueError("must be host:port, e.g. 10.0.0.1:29400")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "DistributedSpec":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of node 0) so the machines find each other")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the stage runs under torchrun (more than one process in all)."""
+        return self.devices == "all" or self.devices > 1 or self.nnodes > 1
+
+
 class TrainSpec(Strict):
     method: Literal["lora", "qlora", "auto"] = Field(
         "lora", description="`qlora` needs CUDA; `auto` picks QLoRA only when bf16 LoRA would not fit.")
@@ -167,6 +212,8 @@ class TrainSpec(Strict):
     preference: PreferenceSpec = Field(PreferenceSpec(), description="Preference (contrastive) loss settings.")
     tensorboard: bool = Field(
         False, description="Also write TensorBoard event files to tensorboard/ (pip install 'trainbox[tensorboard]').")
+    distributed: DistributedSpec = Field(DistributedSpec(), description="Several GPUs or machines (DDP through "
+                                                                         "torchrun).")
     profile: str | None = Field(
         None, description="GPU memory to plan for, e.g. `12gb` for a 12 GB card (default: the whole GPU); picks "
                           "QLoRA, gradient checkpointing and tokens per forward pass to fit.")

@@ -42,6 +42,7 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
                                 fix="remove 'kind: sweep' and the 'sweep:' section to run one configuration"))
     if "train" in spec.stages:
         problems += train_problems(spec.train, cuda_available=gpu_count > 0)
+        problems += distributed_problems(spec.train, gpu_count)
         if spec.train.method == "qlora" and gpu_count and importlib.util.find_spec("bitsandbytes") is None:
             problems.append(Problem("QLoRA needs bitsandbytes, which is not installed", key="train.method",
                                     fix="pip install 'trainbox[gpu]'"))
@@ -66,6 +67,37 @@ def train_problems(spec: TrainSpec, cuda_available: bool) -> list[Problem]:
     if spec.precision == "fp16" and not cuda_available:
         problems.append(Problem("fp16 needs a CUDA GPU (half precision training is unstable on CPU)",
                                 key="train.precision", fix="set train.precision: auto (fp32 on CPU) or bf16"))
+    return problems
+
+
+def distributed_problems(spec: TrainSpec, gpu_count: int) -> list[Problem]:
+    """``train.distributed`` settings this machine cannot run (empty when training runs in one process)."""
+    dist, problems = spec.distributed, []
+    if dist.strategy == "fsdp":
+        problems.append(Problem(
+            "fsdp is not available in this trainbox version: sharding the model with LoRA adapters is not "
+            "implemented and tested yet", key="train.distributed.strategy",
+            fix="use strategy: ddp (every GPU holds the whole model; with method: qlora a 4-bit copy), "
+                "see docs/distributed.md"))
+    if not dist.enabled:
+        return problems
+    if spec.device == "cpu":
+        if dist.devices == "all":
+            problems.append(Problem("devices: all counts GPUs, but train.device is cpu",
+                                    key="train.distributed.devices",
+                                    fix="give a number of CPU processes (e.g. devices: 2) or set train.device: auto"))
+        return problems
+    if spec.device.startswith("cuda:"):
+        problems.append(Problem(f"train.device {spec.device} pins one GPU, but distributed training uses one GPU "
+                                "per process", key="train.device",
+                                fix="set train.device: cuda (or auto) and choose the number with distributed.devices"))
+    wanted = gpu_count if dist.devices == "all" else dist.devices
+    if gpu_count == 0 or wanted > gpu_count:
+        problems.append(Problem(
+            f"devices: {dist.devices} needs {wanted or 'at least one'} GPU(s) on this machine and "
+            f"{gpu_count} {'was' if gpu_count == 1 else 'were'} found", key="train.distributed.devices",
+            fix=f"set devices to at most {gpu_count}" if gpu_count else
+            "run on a machine with GPUs, or set train.device: cpu to train with CPU processes (gloo)"))
     return problems
 
 

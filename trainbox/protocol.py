@@ -19,6 +19,7 @@ RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "stage.log"
+RANK_EXIT_FILE = "rank_exit.json"  # distributed runs: the exit code of each machine's first rank
 # one set for the CLI and the stage processes: 2 is usage or bad input, 75 (EX_TEMPFAIL) interrupted and resumable
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 75
 PROTOCOL_VERSION = 1

@@ -250,12 +250,15 @@ class StepBatches:
     micro-batches of at most ``token_budget`` tokens (default ``batch_size * max row length``, the padded
     worst case), packed without padding or, where the model cannot pack, padded in length-sorted groups.
     Which rows a step sees never depends on packing or the budget, only how they are grouped for the forward.
+    With several ranks (``world`` > 1) each takes every ``world``-th row of the step (``shard_rows``), so the
+    step's rows, and with them the global batch, do not depend on how many ranks share them.
     """
 
     def __init__(self, rows: list[Encoded], batch_size: int, accumulation: int, seed: int, pad_id: int,
-                 token_budget: int | None = None, packed: bool = True):
+                 token_budget: int | None = None, packed: bool = True, rank: int = 0, world: int = 1):
         self.rows, self.batch_size, self.accumulation = rows, batch_size, accumulation
         self.seed, self.pad_id = seed, pad_id
+        self.rank, self.world = rank, world
         self.token_budget = token_budget or batch_size * max((r.width for r in rows), default=1)
         self.packed = packed
         self.rows_per_step = batch_size * accumulation
@@ -277,8 +280,17 @@ class StepBatches:
         perm = self._permutation(epoch)
         return [self.rows[j] for j in perm[index * self.rows_per_step:(index + 1) * self.rows_per_step]]
 
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def shard_rows(self, step: int) -> list[Encoded]:
+        """This rank's rows of the step (all of them in one process)."""
+        return self.step_rows(step)[self.rank::self.world]
+
+    def step_micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Micro-batches of the whole step, every rank's rows (what the step's loss divisors count)."""
         return to_batches(self.step_rows(step), self.token_budget, self.packed, self.pad_id)
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step."""
+        return to_batches(self.shard_rows(step), self.token_budget, self.packed, self.pad_id)
 
 
 def to_batches(rows: list[Encoded], budget: int, packed: bool, pad_id: int) -> list[dict[str, torch.Tensor]]:

@@ -5,10 +5,12 @@ always describes a state the loop really passed through.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,11 +19,13 @@ import torch
 
 from handlers.context import StageContext
 from handlers.diskspace import best_effort, out_of_space, skipped, until_written
+from handlers.train import distributed
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
-from handlers.train.data import StepBatches, real_tokens
+from handlers.train.data import StepBatches, real_tokens, to_batches
+from handlers.train.distributed import World
 from handlers.train.metrics import LOSS_TERMS, MetricsLog
 from handlers.train.monitor import UpdateMonitor
-from handlers.train.objective import Objective, StepCounts, micro_loss, micro_terms, step_record
+from handlers.train.objective import Objective, StepCounts, micro_loss, micro_terms, step_record, step_sums
 from handlers.train.objective import token_loss_sum as token_loss_sum  # the validation loss; tests use it
 from handlers.train.trainstate import TrainState, save_training_state
 from trainbox.errors import StageFailed, StopRequested
@@ -56,6 +60,10 @@ class TrainRun:
     keep: int
     every_steps: int | None
     objective: Objective = Objective((1.0, 0.0, 0.0), 0.0, 2.0, 0.5)
+    world: World = World()
+    ddp: Any = None  # DistributedDataParallel around the model when several ranks train (distributed.wrap)
+    seed: int = 0
+    report_rank: Callable[[int], None] = lambda step: None  # distributed: this rank's status file
     write_progress_log: Callable[[dict[str, Any]], None] = lambda fields: None
     on_row: Callable[[dict[str, Any]], None] = lambda row: None
     on_event: Callable[..., None] = lambda kind, message, **data: None
@@ -68,18 +76,52 @@ def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _backward(run: TrainRun, micro: list[dict[str, torch.Tensor]], counts: StepCounts, weight: int) -> list[Any]:
+    """Forward and backward of this rank's micro-batches; their loss terms.
+
+    Under DDP only the last backward syncs gradients (the others run in ``no_sync``), and every loss is scaled
+    by the rank count because DDP averages where the step needs the sum over ranks.
+    """
+    parts = []
+    for i, mb in enumerate(micro):
+        last = i == len(micro) - 1
+        with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
+            batch = _to(mb, run.device)
+            part = (run.ddp(micro_terms, batch, run.objective) if run.ddp is not None
+                    else micro_terms(run.model, batch, run.objective))
+            (micro_loss(part, counts, run.objective) * weight).backward()
+        parts.append(part)
+    return parts
+
+
+def _step_among_ranks(run: TrainRun) -> dict[str, Any]:
+    """``train_step`` where a failed collective (DDP's syncs, the loss sums) means a peer rank is gone."""
+    try:
+        return train_step(run, run.state.step)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        log.error("step %d failed on rank %d:\n%s", run.state.step + 1, run.world.rank, traceback.format_exc())
+        raise distributed.lost_rank(f"training step {run.state.step + 1}", exc) from exc
+
+
 def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     """One optimizer step over its micro-batches; the loss is the weighted sum of the terms (``objective``),
-    each a mean over the whole step, so grouping rows into micro-batches never changes it."""
+    each a mean over the whole step, so grouping rows into micro-batches (or ranks) never changes it."""
     micro = run.batches.micro_batches(step)
-    counts = StepCounts.of(micro)
+    # the divisors count the whole step, every rank's rows
+    counts = StepCounts.of(run.batches.step_micro_batches(step) if run.world.enabled else micro)
     lr = run.scheduler.get_last_lr()[0]
-    parts = []
-    for mb in micro:
-        part = micro_terms(run.model, _to(mb, run.device), run.objective)
-        micro_loss(part, counts, run.objective).backward()
-        parts.append(part)
-    record = step_record(parts, counts, run.objective)
+    weight = run.world.size
+    if not micro:  # fewer rows than ranks at an epoch's end: a zero-weighted pass keeps this rank in DDP's sync
+        b = run.batches
+        micro, weight = to_batches(b.step_rows(step)[:1], b.token_budget, b.packed, b.pad_id), 0
+    parts = _backward(run, micro, counts, weight)
+    local = step_sums(parts) + [sum(real_tokens(mb) for mb in micro)]
+    if not weight:
+        local = [0.0] * len(local)
+    *sums, tokens = distributed.sum_over_ranks(run.world, local, run.device)
+    record = step_record(sums, counts, run.objective)
     run.monitor.after_backward()
     params = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm))
@@ -87,19 +129,21 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {**record, "learning_rate": lr, "grad_norm": grad_norm,
-            "tokens": sum(real_tokens(mb) for mb in micro), "samples": len(run.batches.step_rows(step))}
+            "tokens": int(tokens), "samples": len(run.batches.step_rows(step))}
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: str) -> float | None:
+def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: str,
+                  world: World = World()) -> float | None:
     """Token-mean loss over the target tokens of the validation batches (dropout off; no RNG is consumed);
-    None when they have none (pairs whose chosen answers are not learned)."""
+    None when they have none (pairs whose chosen answers are not learned). Ranks share the batches."""
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in batches[world.rank::world.size]:
         loss_sum, n = token_loss_sum(model, _to(batch, device))
         total, count = total + float(loss_sum), count + n
     model.train()
+    total, count = distributed.sum_over_ranks(world, [total, count], device)
     return total / count if count else None
 
 
@@ -170,13 +214,15 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
              else "padded in length-sorted groups", run.batches.token_budget)
     step_seconds = None
     while run.state.step < run.total_steps:
-        if ctx.should_stop():
-            saved = save_checkpoint(run, "emergency")
+        if distributed.agree(run.world, ctx.should_stop(), run.device):  # every rank stops at the same boundary
+            saved = save_checkpoint(run, "emergency") if run.world.is_main else None
+            distributed.wait_for_all(run.world, "waiting for the emergency checkpoint")
             raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; " + (
                 "resume continues from here" if saved else "resume starts from the newest checkpoint written before"))
         started = time.monotonic()
         epoch, index = run.batches.position(run.state.step)
-        out = train_step(run, run.state.step)
+        distributed.seed_step(run.seed, run.state.step, run.world)
+        out = _step_among_ranks(run) if run.world.enabled else train_step(run, run.state.step)
         elapsed = time.monotonic() - started
         step_seconds = elapsed if step_seconds is None else 0.9 * step_seconds + 0.1 * elapsed
         state = run.state
@@ -193,8 +239,12 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
                "elapsed_s": round(state.train_seconds, 3), "time": time.time()}
         due_eval = (run.eval_every and state.step % run.eval_every == 0) or epoch_end or state.step == run.total_steps
         if run.val_batches and due_eval:
-            row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device)
+            row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device, run.world)
             row["perplexity"] = math.exp(min(row["eval_loss"], 50.0)) if row["eval_loss"] is not None else None
+        run.report_rank(state.step)
+        if not run.world.is_main:
+            run.metrics.history.append(row)  # kept for the step count; rank 0 writes every file
+            continue
         run.metrics.append(row)
         run.on_row(row)
         fields = progress_fields(run, row, step_seconds)

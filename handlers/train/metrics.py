@@ -42,12 +42,13 @@ class MetricsLog:
     history, so the file again holds exactly one row per step.
     """
 
-    def __init__(self, stage_dir: Path, history: list[dict[str, Any]]):
+    def __init__(self, stage_dir: Path, history: list[dict[str, Any]], write: bool = True):
         self.stage_dir = stage_dir
         self.history = list(history)
         self._fh: TextIO | None = None
         self._lost = True  # the file does not hold the history until it is written
-        best_effort("training metrics", self._rewrite)
+        if write:  # only rank 0 of a distributed run writes; the other ranks keep the history in memory
+            best_effort("training metrics", self._rewrite)
 
     def _rewrite(self) -> None:
         self.close()

@@ -112,21 +112,27 @@ def micro_loss(part: MicroTerms, counts: StepCounts, objective: Objective) -> to
     return loss
 
 
-def step_record(parts: list[MicroTerms], counts: StepCounts, objective: Objective) -> dict[str, Any]:
+def step_sums(parts: list[MicroTerms]) -> list[float]:
+    """The numerators of the step record: summed token loss per term, summed pair loss, pairs won (these add
+    up over micro-batches and over ranks)."""
+    sums = [sum(float(p.token_sums[k].detach()) for p in parts) for k in range(len(TERMS))]
+    return [*sums, sum(float(p.pair_losses.detach().sum()) for p in parts),
+            sum(int((p.chosen_mean_logp > p.rejected_mean_logp).sum()) for p in parts)]
+
+
+def step_record(sums: list[float], counts: StepCounts, objective: Objective) -> dict[str, Any]:
     """The step's loss and each term's unweighted value (None where the step has no rows of that term)."""
     record: dict[str, Any] = {}
     total = 0.0
     for k in range(len(TERMS)):
-        value = (sum(float(p.token_sums[k].detach()) for p in parts) / counts.tokens[k]
-                 if counts.tokens[k] else None)
+        value = sums[k] / counts.tokens[k] if counts.tokens[k] else None
         record[LOSS_TERMS[k]] = value
         total += objective.weights[k] * value if value is not None else 0.0
     if counts.pairs:
-        value = sum(float(p.pair_losses.detach().sum()) for p in parts) / counts.pairs
+        value = sums[len(TERMS)] / counts.pairs
         record[LOSS_TERMS[-1]] = value
         total += objective.contrastive * value
-        wins = sum(int((p.chosen_mean_logp > p.rejected_mean_logp).sum()) for p in parts)
-        record["preference_accuracy"] = wins / counts.pairs
+        record["preference_accuracy"] = sums[len(TERMS) + 1] / counts.pairs
     else:
         record[LOSS_TERMS[-1]] = record["preference_accuracy"] = None
     record["loss"] = total

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,8 @@ def resolve_device(spec: TrainSpec, ctx_device: str) -> str:
         if spec.device == "auto":
             return "cpu"
         raise StageFailed(f"train.device: {spec.device} but torch sees no CUDA GPU; set train.device: auto or cpu")
-    return "cuda:0" if device == "cuda" else device
+    # under torchrun each rank takes its own GPU among the ones the daemon made visible
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
 
 
 def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
@@ -208,8 +210,6 @@ def make_plan(spec: TrainSpec, ctx_device: str, model_ref: str) -> TrainPlan:
 
 
 def available_cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

@@ -20,15 +20,16 @@ import torch
 from handlers import diskspace
 from handlers.context import StageContext
 from handlers.modelio import load_tokenizer, resolve_base_model
-from handlers.train import data, metrics, progress, rendering
+from handlers.train import data, distributed, metrics, progress, ranks, rendering
 from handlers.train.checkpoints import newest_complete_checkpoint
+from handlers.train.distributed import World
 from handlers.train.loop import Flags, TrainRun, train_loop
 from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.objective import Objective
 from handlers.train.observers import Observers
 from handlers.train.plan import make_plan, resolve_device, total_steps
-from handlers.train.trainstate import TrainState, load_training_state
+from handlers.train.trainstate import TrainState, apply_training_state, read_training_state
 from trainbox.errors import StageFailed
 from trainbox.fsio import fsync_dir, fsync_tree
 from trainbox.preflight import train_problems
@@ -41,7 +42,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 CHECKPOINTS = "checkpoints"
 EVAL_MAX_ROWS = 512  # in-training eval loss; the evaluate stage scores the whole test split
-NON_MATH_KEYS = ("checkpoint", "progress_log", "monitor", "tensorboard", "device")
+NON_MATH_KEYS = ("checkpoint", "progress_log", "monitor", "tensorboard", "device", "distributed")
 
 
 def configure_torch(device: str, threads: int) -> None:
@@ -130,37 +131,55 @@ def log_terms(rows: list[data.Encoded], objective: Objective, train_file: Path) 
                           "train.loss_weights for those terms")
 
 
-def resume_or_start(root: Path, model: Any, optimizer: Any, scheduler: Any,
-                    fresh: TrainState) -> tuple[TrainState, int | None]:
-    """The newest complete checkpoint's state (loaded into model/optimizer/scheduler/RNG) and its step, else fresh."""
-    checkpoint = newest_complete_checkpoint(root)
-    if checkpoint is None:
+def resume_or_start(root: Path, model: Any, optimizer: Any, scheduler: Any, fresh: TrainState,
+                    world: World = World()) -> tuple[TrainState, int | None]:
+    """The newest complete checkpoint's state (loaded into model/optimizer/scheduler/RNG) and its step, else fresh.
+
+    Rank 0 alone reads (and sets broken checkpoints aside) and sends what it read to the other ranks, which
+    need no access to its disk; the rank count may differ from the run that wrote the checkpoint.
+    """
+    saved = None
+    if world.is_main:
+        checkpoint = newest_complete_checkpoint(root)
+        saved = read_training_state(checkpoint) if checkpoint is not None else None
+    saved = distributed.share_from_main(world, saved)
+    if saved is None:
         return fresh, None
-    state = load_training_state(checkpoint, model, optimizer, scheduler)
-    if state.fingerprint != fresh.fingerprint:
+    state = apply_training_state(saved, model, optimizer, scheduler)
+    if state.fingerprint != fresh.fingerprint and world.is_main:
         log.warning("checkpoint %s was made with other settings or data; resuming anyway, but the result "
-                    "will not match a fresh run", checkpoint.path.name)
-    log.info("resuming from %s (step %d)", checkpoint.path.name, state.step)
+                    "will not match a fresh run", saved["name"])
+    log.info("resuming from %s (step %d)", saved["name"], state.step)
     return state, state.step
 
 
 def run_train(ctx: StageContext) -> StageResult:
-    spec, stage_dir = ctx.job.train, ctx.stage_dir
-    started = time.time()
-    device = resolve_device(spec, ctx.device)
-    problems = train_problems(spec, cuda_available=device.startswith("cuda"))
+    world = distributed.world_from_env()
+    device = distributed.rank_device(resolve_device(ctx.job.train, ctx.device), world)
+    problems = train_problems(ctx.job.train, cuda_available=device.startswith("cuda"))
     if problems:
         raise StageFailed("; ".join(p.sentence() for p in problems))  # before any model is built or loaded
+    distributed.start(world, device)
+    try:
+        return _train(ctx, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train(ctx: StageContext, world: World) -> StageResult:
+    spec, stage_dir = ctx.job.train, ctx.stage_dir
+    started = time.time()
     base = resolve_base_model(ctx.job.base_model, ctx.home)
-    plan = make_plan(spec, device, base)
-    configure_torch(plan.device, plan.cpu_threads)
+    plan = make_plan(spec, ctx.device, base)
+    # ranks on one machine share its cores
+    configure_torch(plan.device, max(1, plan.cpu_threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     seed_everything(ctx.job.seed)  # before the LoRA init, which draws from the torch RNG
 
     tokenizer = load_tokenizer(base)
     train_rows, val_rows, files, warnings = load_rows(ctx, tokenizer)
     pad_id = tokenizer.pad_token_id
     batches = data.StepBatches(train_rows, spec.batch_size, spec.gradient_accumulation_steps, ctx.job.seed, pad_id,
-                               plan.token_budget)
+                               plan.token_budget, rank=world.rank, world=world.size)
     steps = total_steps(spec, len(train_rows))
 
     from transformers import get_scheduler
@@ -172,15 +191,24 @@ def run_train(ctx: StageContext) -> StageResult:
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
                               num_training_steps=steps)
     state, resumed_from = resume_or_start(stage_dir / CHECKPOINTS, model, optimizer, scheduler,
-                                          TrainState(fingerprint=fingerprint(ctx, files)))
+                                          TrainState(fingerprint=fingerprint(ctx, files)), world)
     run = TrainRun(
         model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
         val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], batches), state=state,
-        metrics=metrics.MetricsLog(stage_dir, state.history), monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
+        metrics=metrics.MetricsLog(stage_dir, state.history, write=world.is_main),
+        monitor=UpdateMonitor(model, spec.monitor.every_n_steps),
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
-        every_steps=spec.checkpoint.every_steps, objective=Objective.of(spec))
+        every_steps=spec.checkpoint.every_steps, objective=Objective.of(spec), world=world, seed=ctx.job.seed,
+        ddp=distributed.wrap(model, world, plan.device))
     state.history = run.metrics.history  # the checkpoint carries the rows written so far
+    if world.enabled:
+        run.report_rank = ranks.reporter(stage_dir, world, plan.device, run.system)
+    if not world.is_main:  # rank 0 writes progress, metrics, checkpoints and outputs
+        train_loop(ctx, run)
+        return StageResult(summary={"rank": world.rank, "world_size": world.size, "steps": run.state.step},
+                           message=f"rank {world.rank} of {world.size} trained {run.state.step} steps; node 0's "
+                                   "rank 0 wrote the adapter")
     observers = Observers.start(ctx, run)
     try:
         train_loop(ctx, run)

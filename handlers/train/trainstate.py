@@ -77,22 +77,33 @@ def save_training_state(folder: Path, model: Any, optimizer: torch.optim.Optimiz
     (folder / STATE_FILE).write_text(json.dumps(payload), encoding="utf-8")
 
 
-def load_training_state(checkpoint: Checkpoint, model: Any, optimizer: torch.optim.Optimizer,
-                        scheduler: Any) -> TrainState:
-    """Put the checkpoint's adapter, optimizer, scheduler and RNG states back; return its counters."""
-    from peft import set_peft_model_state_dict
+def read_training_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Everything a checkpoint holds, as CPU objects (so rank 0 can send it to ranks on other machines)."""
     from safetensors.torch import load_file
 
     folder = checkpoint.path
-    weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
+    return {"name": folder.name,
+            "adapter": load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors")),
+            # map to CPU: load_state_dict moves optimizer state to each parameter's device (GPU index may differ)
+            "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+            "scheduler": torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True),
+            "state": json.loads((folder / STATE_FILE).read_text(encoding="utf-8")),
+            "rng": torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)}
+
+
+def apply_training_state(saved: dict[str, Any], model: Any, optimizer: torch.optim.Optimizer,
+                         scheduler: Any) -> TrainState:
+    """Put a read checkpoint's adapter, optimizer, scheduler and RNG states back; return its counters."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, saved["adapter"])
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise StageFailed(f"checkpoint {folder.name} does not fit this model (unexpected {unexpected[:3]}); "
+        raise StageFailed(f"checkpoint {saved['name']} does not fit this model (unexpected {unexpected[:3]}); "
                           "the job's model or LoRA settings changed: delete the checkpoints folder to start over")
-    # map to CPU: load_state_dict moves optimizer state to each parameter's device (GPU index may differ)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    payload = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    restore_rng(payload.pop("rng"), torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    payload = dict(saved["state"])
+    restore_rng(payload.pop("rng"), saved["rng"])
     return TrainState(**payload)
+
