@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -13,8 +12,10 @@ import psutil
 log = logging.getLogger(__name__)
 
 
-def start_stage_process(stage: str, stage_dir: Path, log_path: Path, env_extra: dict[str, str]) -> subprocess.Popen:
-    """Start a stage in its own process group so only the daemon decides when it gets a signal.
+def start_stage_process(command: list[str], stage_dir: Path, log_path: Path,
+                        env_extra: dict[str, str]) -> subprocess.Popen:
+    """Start a stage (``daemon.launch.stage_command``) in its own process group so only the daemon decides
+    when it gets a signal.
 
     Must be called from a long-lived thread: Linux's parent-death signal fires when the *thread*
     that forked the child exits.
@@ -26,7 +27,7 @@ def start_stage_process(stage: str, stage_dir: Path, log_path: Path, env_extra: 
     else:
         kwargs["start_new_session"] = True
     with open(log_path, "ab") as log_fh:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "handlers", stage, str(stage_dir)],
+        return subprocess.Popen(command,
                                 stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=str(stage_dir), env=env, **kwargs)
 
@@ -39,6 +40,19 @@ def send_stop(proc: subprocess.Popen) -> None:
         proc.send_signal(signal.CTRL_BREAK_EVENT)
     else:
         proc.send_signal(signal.SIGTERM)
+
+
+def kill_stage(proc: subprocess.Popen) -> None:
+    """SIGKILL a stage that did not stop in time, with its whole process group (a distributed stage's ranks)."""
+    if proc.poll() is not None:
+        return
+    if os.name == "nt":
+        proc.kill()
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session made the stage its group's leader
+    except ProcessLookupError:
+        pass
 
 
 def is_stage_process(pid: int | None, stage_dir: Path) -> bool:

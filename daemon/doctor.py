@@ -30,6 +30,26 @@ if out["torch"]["ok"]:
     cuda = torch.cuda.is_available()
     out["cuda"] = {"available": cuda, "version": torch.version.cuda,
                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []}
+    import torch.distributed as dist
+
+    def one_rank_all_reduce(backend, device):
+        # a real process group of one rank: the backend initialises and moves a tensor through a collective
+        if not dist.is_available():
+            return {"ok": False, "error": "this torch build has no torch.distributed"}
+        try:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            value = torch.ones(1, device=device)
+            dist.all_reduce(value)
+            return {"ok": value.item() == 1.0, "error": ""}
+        except Exception as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    out["gloo"] = one_rank_all_reduce("gloo", "cpu")
+    out["nccl"] = (one_rank_all_reduce("nccl", "cuda:0") if cuda else
+                   {"ok": False, "error": "no CUDA GPU: NCCL needs one"})
 print(json.dumps(out))
 """
 
@@ -79,6 +99,24 @@ def ml_stack_checks(timeout: float = 180) -> list[Check]:
         checks.append(Check("cuda", cuda["available"], detail, "" if cuda["available"] else
                             "for GPU training install a CUDA build of torch matching your driver "
                             "(https://pytorch.org/get-started/locally/)", required=False))
+    checks += distributed_checks(found)
+    return checks
+
+
+def distributed_checks(found: dict) -> list[Check]:
+    """gloo (CPU ranks) and NCCL (GPU ranks) for train.distributed, from the probe's one-rank all_reduce."""
+    checks = []
+    for backend, use, fix in (
+            ("gloo", "CPU ranks (train.device: cpu with distributed.devices)",
+             "install a torch build with torch.distributed (the official wheels have it)"),
+            ("nccl", "several GPUs (train.distributed.devices)",
+             "NCCL needs NVIDIA GPUs and a CUDA build of torch; without it distributed training runs only on CPU "
+             "ranks")):
+        info = found.get(backend)
+        if info is None:
+            continue
+        checks.append(Check(backend, info["ok"], f"usable for {use}" if info["ok"] else info["error"],
+                            "" if info["ok"] else fix, required=False))
     return checks
 
 

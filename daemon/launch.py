@@ -18,12 +18,21 @@ def is_distributed(stage: str, train: TrainSpec) -> bool:
     return stage == "train" and train.distributed.enabled
 
 
-def gpus_needed(train: TrainSpec, gpu_slots: int) -> int:
-    """GPU slots a train stage reserves: ``devices`` (``all``: every GPU slot), 0 on the CPU."""
-    if train.device == "cpu" or not train.distributed.enabled:
-        return 0 if train.device == "cpu" else 1
+def gpu_slots_wanted(stage: str, train: TrainSpec, gpu_slots: int) -> int:
+    """GPU slots a stage on a GPU reserves: one per rank for the distributed train stage (``all``: every
+    one the daemon manages), else one."""
+    if not is_distributed(stage, train):
+        return 1
     devices = train.distributed.devices
     return gpu_slots if devices == "all" else int(devices)
+
+
+def ranks_here(train: TrainSpec, slots: list[str]) -> int:
+    """Ranks to start on this machine: one per reserved GPU, or ``devices`` CPU processes on the CPU slot."""
+    if slots == ["cpu"]:
+        devices = train.distributed.devices
+        return int(devices) if devices != "all" else 1
+    return len(slots)
 
 
 def torchrun_args(dist: DistributedSpec, processes: int, run_id: str, shutdown_seconds: float) -> list[str]:

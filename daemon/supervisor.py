@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from daemon import modelregistry
-from daemon.children import (failure_message, is_stage_process, last_line, log_tail, send_stop,
+from daemon import launch, modelregistry
+from daemon.children import (failure_message, is_stage_process, kill_stage, last_line, log_tail, send_stop,
                              start_stage_process, stop_orphan)
 from daemon.config import DaemonSettings
 from daemon.jobs import JobRecord, utcnow
@@ -24,6 +24,7 @@ from daemon.layout import Layout
 from daemon.outcomes import Outcomes
 from daemon.store import Store
 from trainbox.fsio import read_json
+from trainbox.jobspec import TrainSpec
 from trainbox.protocol import (EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE,
                                DatasetEntry, StageSpec, read_result, write_record)
 
@@ -36,7 +37,7 @@ class Running:
     job_id: str
     index: int
     stage: str
-    slot: str
+    slots: list[str]  # one GPU per rank for a distributed train stage, else one slot
     proc: subprocess.Popen
     stage_dir: Path
     stop_reason: str | None = None  # "shutdown" or "cancel" once the daemon asked the stage to stop
@@ -81,50 +82,54 @@ class Supervisor:
     def busy(self) -> bool:
         return bool(self.running) or self.store.has_queued_jobs()
 
-    def _free_slot(self, device: str) -> str | None:
+    def _free_slots(self, stage: str, train: TrainSpec) -> list[str] | None:
+        """Slots for ``stage`` now (one per rank of a distributed train stage on GPUs), or None to wait."""
         used: dict[str, int] = {}
         for run in self.running.values():
-            used[run.slot] = used.get(run.slot, 0) + 1
+            for slot in run.slots:
+                used[slot] = used.get(slot, 0) + 1
         gpu_slots = [s for s in self.capacity if s.startswith("cuda")]
+        device, wanted = train.device, 1
         if device == "cpu" or (device == "auto" and not gpu_slots):
-            candidates = ["cpu"]
+            candidates = ["cpu"]  # CPU ranks (gloo) share the one CPU slot
         elif device == "auto" or device == "cuda":
-            candidates = gpu_slots
+            candidates, wanted = gpu_slots, launch.gpu_slots_wanted(stage, train, len(gpu_slots))
         else:
             candidates = [device] if device in self.capacity else []
-        for slot in candidates:
-            if used.get(slot, 0) < self.capacity[slot]:
-                return slot
-        return None
+        free = [slot for slot in candidates if used.get(slot, 0) < self.capacity[slot]]
+        return free[:wanted] if len(free) >= wanted else None
 
     def _start_queued(self) -> None:
         for job in self.store.queued_jobs():
             if job.id in self.running:
                 continue
-            slot = self._free_slot(job.spec.train.device)
-            if slot is None:
-                continue
             index = job.first_unfinished()
             if index is None:
                 self._finish(job.id, "succeeded")
                 continue
-            self._start_stage(job, index, slot)
+            slots = self._free_slots(job.stages[index].name, job.spec.train)
+            if slots is not None:
+                self._start_stage(job, index, slots)
 
-    def _start_stage(self, job: JobRecord, index: int, slot: str) -> None:
+    def _start_stage(self, job: JobRecord, index: int, slots: list[str]) -> None:
         stage = job.stages[index].name
         stage_dir = self.layout.stage_dir(job.id, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # a previous attempt's verdict must not be read
-        write_record(stage_dir / STAGE_FILE, self._stage_spec(job, stage, slot))
-        env = {"CUDA_VISIBLE_DEVICES": slot.split(":")[1] if slot.startswith("cuda") else ""}
+        write_record(stage_dir / STAGE_FILE, self._stage_spec(job, stage, slots[0]))
+        train = job.spec.train
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(s.split(":")[1] for s in slots if s.startswith("cuda"))}
+        command = launch.stage_command(stage, stage_dir, train, launch.ranks_here(train, slots), job.name,
+                                       self.settings.supervisor.stop_grace_seconds)
+        where = ",".join(slots)
         with open(stage_dir / LOG_FILE, "a", encoding="utf-8") as fh:
-            fh.write(f"\n=== trainbox: stage {stage} of {job.id} started at {utcnow()} on {slot} ===\n")
-        proc = start_stage_process(stage, stage_dir, stage_dir / LOG_FILE, env)
+            fh.write(f"\n=== trainbox: stage {stage} of {job.id} started at {utcnow()} on {where} ===\n")
+        proc = start_stage_process(command, stage_dir, stage_dir / LOG_FILE, env)
         events = stage_dir / EVENTS_FILE
-        self.running[job.id] = Running(job.id, index, stage, slot, proc, stage_dir,
+        self.running[job.id] = Running(job.id, index, stage, slots, proc, stage_dir,
                                        events_offset=events.stat().st_size if events.exists() else 0)
-        self.store.stage_started(job.id, index, pid=proc.pid, device=slot)
-        log.info("job %s: stage %s started (pid %d, %s)", job.id, stage, proc.pid, slot)
+        self.store.stage_started(job.id, index, pid=proc.pid, device=where)
+        log.info("job %s: stage %s started (pid %d, %s)", job.id, stage, proc.pid, where)
 
     def _stage_spec(self, job: JobRecord, stage: str, slot: str) -> StageSpec:
         results = {s.name: read_result(self.layout.stage_dir(job.id, s.name)).model_dump(mode="json")
@@ -150,7 +155,7 @@ class Supervisor:
             self._store_progress(run)
             if run.stop_sent and time.monotonic() - run.stop_sent > self.settings.supervisor.stop_grace_seconds:
                 log.warning("stage %s of %s did not stop within the grace period; killing it", run.stage, run.job_id)
-                run.proc.kill()
+                kill_stage(run.proc)
             return
         del self.running[run.job_id]
         self._store_progress(run, force=True)
@@ -261,6 +266,6 @@ class Supervisor:
             time.sleep(0.1)
         for run in list(self.running.values()):
             log.warning("stage %s of %s did not stop in time; killing it", run.stage, run.job_id)
-            run.proc.kill()
+            kill_stage(run.proc)
             run.proc.wait()
             self._poll(run)

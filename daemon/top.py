@@ -24,7 +24,7 @@ from trainbox.protocol import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
 METRICS_FILE = Path("train") / "metrics" / "training_metrics.jsonl"
-JOB_LINES = 4  # name, bar, loss, eval
+JOB_LINES = 4  # name, bar, loss, eval (plus one line per rank of a distributed run)
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -127,14 +127,14 @@ def render(snap: dict[str, Any], width: int, height: int | None) -> RenderableTy
     running = [j for j in jobs if j["state"] == "running"]
     budget = (height - 1) if height else None  # the last row stays free so the terminal never scrolls
     fixed = 1 + (1 if snap["last_eval"] else 0) + max(len(snap["gpus"]), 1)  # queue, last eval, gpus
+    groups = [running_job(job, snap["live"].get(job["id"], {}), width) for job in running]
     fit_jobs = len(running)
     if budget is not None:
         room_for_jobs = budget - len(parts) - fixed
-        fit_jobs = min(len(running), max(room_for_jobs, 0) // JOB_LINES)
+        fit_jobs = _fitting(groups, room_for_jobs)
         if fit_jobs < len(running):
-            fit_jobs = max(room_for_jobs - 1, 0) // JOB_LINES  # one line says how many more
-    for job in running[:fit_jobs]:
-        parts.append(running_job(job, snap["live"].get(job["id"], {}), width))
+            fit_jobs = _fitting(groups, room_for_jobs - 1)  # one line says how many more
+    parts += groups[:fit_jobs]
     if len(running) > fit_jobs:
         parts.append(heading(f"... {len(running) - fit_jobs} more running: trainbox jobs", "dim"))
     parts.append(queue_line(jobs))
@@ -148,7 +148,7 @@ def render(snap: dict[str, Any], width: int, height: int | None) -> RenderableTy
     if budget is None:
         n_events, n_rejected = 10, 10
     else:
-        room = budget - sum(JOB_LINES if isinstance(p, Group) else 1 for p in parts)
+        room = budget - sum(_lines(p) if isinstance(p, Group) else 1 for p in parts)
         n_rejected = min(len(rejected), max(room - 2, 0) // 2 if events else max(room - 1, 0))
         n_events = min(len(events), max(room - (n_rejected + 1 if n_rejected else 0) - 1, 0))
     if n_events:
@@ -157,6 +157,20 @@ def render(snap: dict[str, Any], width: int, height: int | None) -> RenderableTy
         parts += [heading(f"rejected files ({len(rejected)}, reasons in rejected/*.error.txt)"),
                   rejected_table(rejected, n_rejected)]
     return Group(*parts)
+
+
+def _lines(group: Group) -> int:
+    return max(JOB_LINES, len(group.renderables))
+
+
+def _fitting(groups: list[Group], room: int) -> int:
+    """How many of ``groups`` (in order) fit in ``room`` lines."""
+    used = 0
+    for n, group in enumerate(groups):
+        used += _lines(group)
+        if used > room:
+            return n
+    return len(groups)
 
 
 def heading(text: str, style: str = "bold") -> Text:

@@ -152,6 +152,7 @@ def job_panel(job: dict[str, Any]) -> Panel:
                           style="yellow"))
     if job.get("progress"):
         parts.append(progress_line(job["progress"], 60))
+        parts += rank_lines(job["progress"].get("ranks"))
     if job.get("error"):
         parts.append(Text(job["error"], style="red"))
     return Panel(Group(*parts), title=f"{job['name']} ({job['id']})")
@@ -249,6 +250,7 @@ def running_job(job: dict[str, Any], live: dict[str, Any], width: int) -> Group:
     progress = live.get("progress") or job.get("progress")
     if progress and progress.get("step") is not None:
         lines.append(progress_line(progress, width))
+        lines += rank_lines(progress.get("ranks"))
     losses = live.get("losses") or []
     if losses:
         label = f" {losses[-1]:.4f} (min {min(losses):.4f})" + loss_terms_text(progress or {})
@@ -269,6 +271,20 @@ def loss_terms_text(progress: dict[str, Any]) -> str:
     if [short for short, _ in terms] in ([], ["gen"]):
         return ""
     return "  " + " ".join(f"{short} {value:.3f}" for short, value in terms)
+
+
+def rank_lines(ranks: list[dict[str, Any]] | None) -> list[Text]:
+    """One line per rank of a distributed train stage: where it runs, its step, GPU utilisation where known."""
+    out = []
+    for r in ranks or []:
+        if r.get("gpu_utilization_percent") is not None:
+            load = f"gpu util {r['gpu_utilization_percent']}%  mem {(r.get('gpu_memory_used_mb') or 0) / 1024:.1f} GiB"
+        else:
+            load = f"cpu {r.get('process_cpu_percent') or 0:.0f}%"
+        out.append(_line((f" rank {r.get('rank')} ", "bold"), f"node {r.get('node_rank', 0)}  {r.get('device')}  "
+                         f"step {r.get('step')}  {load}  rss {r.get('process_rss_mb')} MB", (f"  pid {r.get('pid')}",
+                                                                                             "dim")))
+    return out
 
 
 def gpu_lines(gpus: list[dict[str, Any]]) -> list[Text]:

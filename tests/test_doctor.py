@@ -22,6 +22,8 @@ def test_doctor_json_on_this_machine(tmp_path):
     import torch  # the doctor's child must see the same torch as this interpreter
     assert by_name["torch"]["detail"] == torch.__version__
     assert by_name["cuda"]["status"] == ("ok" if torch.cuda.is_available() else "warn")
+    assert by_name["gloo"]["status"] == "ok"  # a real one-rank gloo all_reduce ran in the doctor's child
+    assert by_name["nccl"]["status"] == ("ok" if torch.cuda.is_available() else "warn")
     for check in report["checks"]:
         assert check["ok"] or check["fix"] or check["status"] == "off", check
 
