@@ -36,7 +36,8 @@ def ranks_here(train: TrainSpec, slots: list[str]) -> int:
 
 
 def torchrun_args(dist: DistributedSpec, processes: int, run_id: str, shutdown_seconds: float) -> list[str]:
-    """torchrun's options: ``processes`` ranks here; one machine rendezvous on a free local port."""
+    """torchrun's options: ``processes`` ranks here; one machine rendezvous on a free local port. ``run_id``
+    (the job name unless ``rdzv_id`` is set) must be the same on every machine of the run."""
     args = [f"--nproc-per-node={processes}", "--max-restarts=0", f"--shutdown-timeout={max(int(shutdown_seconds), 1)}",
             "--monitor-interval=0.5"]
     if dist.nnodes == 1:

@@ -43,6 +43,11 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
     if "train" in spec.stages:
         problems += train_problems(spec.train, cuda_available=gpu_count > 0)
         problems += distributed_problems(spec.train, gpu_count)
+        later = [s for s in spec.stages if s in ("evaluate", "export")]
+        if spec.train.distributed.node_rank > 0 and later:
+            problems.append(Problem(f"node_rank {spec.train.distributed.node_rank} trains alongside node 0, which "
+                                    f"alone writes the adapter, so {', '.join(later)} would have no model here",
+                                    key="stages", fix="on machines other than node 0 set stages: [prepare, train]"))
         if spec.train.method == "qlora" and gpu_count and importlib.util.find_spec("bitsandbytes") is None:
             problems.append(Problem("QLoRA needs bitsandbytes, which is not installed", key="train.method",
                                     fix="pip install 'trainbox[gpu]'"))
