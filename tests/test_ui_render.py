@@ -112,3 +112,21 @@ def test_the_loss_line_shows_each_term_of_a_multi_task_step():
     plain = _text(running_job(job, {"progress": {**progress, "loss_style": None, "loss_contrastive": None},
                                     "losses": [1.5]}, 120), 120)
     assert "gen " not in plain  # one term: the loss says it all
+
+
+def test_a_distributed_stage_shows_one_line_per_rank_and_still_fits_80x24(prepared_home):
+    snap = TopSource(prepared_home).snapshot()
+    snap["gpus"] = []
+    (job_id,) = snap["live"]
+    ranks = [{"rank": r, "node_rank": 0, "device": f"cuda:{r}", "step": 12, "gpu_utilization_percent": 90 + r,
+              "gpu_memory_used_mb": 20480, "process_cpu_percent": 100.0, "process_rss_mb": 3000, "pid": 100 + r}
+             for r in range(4)]
+    snap["live"][job_id]["progress"] = {**(snap["live"][job_id]["progress"] or {}), "step": 12, "total_steps": 40,
+                                        "ranks": ranks}
+    out = _text(render(snap, 80, 24), 80, 24)
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) <= 23, out
+    for r in range(4):
+        assert f"rank {r} node 0  cuda:{r}  step 12  gpu util {90 + r}%  mem 20.0 GiB" in out, out
+    job = [j for j in snap["jobs"] if j["id"] == job_id][0]
+    assert "rank 3" in _text(job_panel({**job, "progress": snap["live"][job_id]["progress"]}))
