@@ -1,4 +1,5 @@
-"""train.distributed at drop time and the command the daemon starts: torch-free, no child processes."""
+"""train.distributed at drop time, the slots the supervisor reserves and the command it starts: torch-free, no
+child processes."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from daemon.config import DaemonSettings
 from daemon.launch import gpu_slots_wanted, ranks_here, stage_command
+from daemon.layout import Layout
+from daemon.store import Store
+from daemon.supervisor import Supervisor
 from trainbox.jobspec import JobSpec, TrainSpec
 from trainbox.preflight import check_job
 
@@ -76,3 +81,18 @@ def test_several_machines_use_a_static_rendezvous_so_node_0_holds_rank_0():
     for arg in ("--nproc-per-node=2", "--nnodes=2", "--node-rank=1", "--rdzv-backend=static",
                 "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=shared-name"):
         assert arg in command
+
+
+def test_the_supervisor_reserves_one_gpu_slot_per_rank_and_one_slot_for_other_stages(tmp_path):
+    layout = Layout(tmp_path)
+    layout.create()
+    supervisor = Supervisor(layout, Store.for_home(tmp_path), DaemonSettings(), [0, 1, 2], lambda *a, **k: None)
+    two = TrainSpec.model_validate({"distributed": {"devices": 2}})
+    assert supervisor._free_slots("train", two) == ["cuda:0", "cuda:1"]
+    assert supervisor._free_slots("evaluate", two) == ["cuda:0"]
+    assert supervisor._free_slots("train", TrainSpec.model_validate({"distributed": {"devices": "all"}})) == [
+        "cuda:0", "cuda:1", "cuda:2"]
+    assert supervisor._free_slots("train", TrainSpec.model_validate({"distributed": {"devices": 4}})) is None
+    cpu_ranks = TrainSpec.model_validate({"device": "cpu", "distributed": {"devices": 2}})
+    assert supervisor._free_slots("train", cpu_ranks) == ["cpu"]
+    assert ranks_here(cpu_ranks, ["cpu"]) == 2 and ranks_here(two, ["cuda:0", "cuda:1"]) == 2
