@@ -171,7 +171,7 @@ def _exported_and_exited(layout, job_id: str, gguf: bytes):
         "publish": "model_dir"}))
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     assert proc.wait(timeout=60) == 0
-    return Running(job_id, 1, "export", "cpu", proc, stage_dir)
+    return Running(job_id, 1, "export", ["cpu"], proc, stage_dir)
 
 
 def _supervisor(home):
@@ -208,7 +208,7 @@ def test_a_kill_while_publishing_then_the_rerun_replaces_its_own_v1(tmp_path):
     supervisor.recover()
     assert [s.state for s in store.job(job.id).stages] == ["succeeded", "pending"]
     run = _exported_and_exited(layout, job.id, b"second attempt")  # export ran again
-    store.stage_started(job.id, run.index, pid=run.proc.pid, device=run.slot)  # as _start_stage records it
+    store.stage_started(job.id, run.index, pid=run.proc.pid, device=",".join(run.slots))  # as _start_stage records it
     _collect(supervisor, run)
 
     assert sorted(p.name for p in (layout.models / "guard").iterdir()) == ["v1"]
