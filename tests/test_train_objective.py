@@ -10,7 +10,7 @@ import torch
 from handlers import modelio
 from handlers.train.data import NOT_A_TARGET, TERMS, collate, collate_packed, encode_split, group_by_tokens
 from handlers.train.model import build_model
-from handlers.train.objective import Objective, StepCounts, micro_loss, micro_terms, step_record
+from handlers.train.objective import Objective, StepCounts, micro_loss, micro_terms, step_record, step_sums
 from handlers.train.plan import TrainPlan
 from trainbox.jobspec import LoraSpec
 from train_fixtures import all_kinds_examples
@@ -84,7 +84,7 @@ def test_step_record_weights_the_terms_and_the_contrastive_gradient_widens_the_m
     margins = []
     for _ in range(3):
         part = micro_terms(model, batch, OBJECTIVE)
-        record = step_record([part], counts, OBJECTIVE)
+        record = step_record(step_sums([part]), counts, OBJECTIVE)
         assert record["loss"] == pytest.approx(0.1 * record["loss_contrastive"])
         assert record["loss_generation"] is None and record["loss_style"] is None
         margins.append(float((part.chosen_mean_logp - part.rejected_mean_logp).detach().mean()))
