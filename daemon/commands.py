@@ -115,15 +115,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     from daemon.cli import console, say_error
     from daemon.ui import job_panel
 
-    job = _store(_home(args)).find_job(args.job)
+    store = _store(_home(args))
+    job = store.find_job(args.job)
     if job is None:
         say_error(f"no job matches {args.job!r}; 'trainbox jobs' lists them")
         return EXIT_INVALID
     view = job_view(job)
+    trials = [job_view(j) for j in store.trials_of(job.id)]
     if args.json:
-        print_json({"schema_version": JSON_SCHEMA_VERSION, "job": view})
+        print_json({"schema_version": JSON_SCHEMA_VERSION, "job": {**view, "trials": trials}})
     else:
-        console.print(job_panel(view))
+        console.print(job_panel(view, trials))
     return EXIT_OK
 
 

@@ -45,6 +45,9 @@ def check_request(store: Store, action: str, job_id: str) -> JobRecord:
     if action == "cancel" and job.state not in ACTIVE_STATES:
         raise RequestRefused(f"job {job_id} is {job.state}; only waiting, queued, running or interrupted "
                              "jobs can be cancelled")
+    if action == "retry" and job.trial is not None:
+        raise RequestRefused(f"job {job_id} is trial {job.trial.number} of sweep {job.parent}; retry the sweep "
+                             f"instead ('trainbox retry {job.parent}'): it continues its trials")
     if action == "retry" and job.state not in ("failed", "cancelled", "interrupted"):
         raise RequestRefused(f"job {job_id} is {job.state}; only failed, cancelled or interrupted jobs "
                              "can be retried")

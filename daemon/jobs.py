@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainbox.jobspec import JobSpec
+from trainbox.protocol import TrialRef
+from trainbox.study import shared_stages
 
 JobState = Literal["waiting", "queued", "running", "interrupted", "succeeded", "failed", "cancelled"]
 StageState = Literal["pending", "running", "interrupted", "succeeded", "skipped", "failed", "cancelled"]
@@ -41,7 +43,8 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset({"queued", "waiting"}),
 }
 STAGE_TRANSITIONS: dict[str, frozenset[str]] = {
-    "pending": frozenset({"running", "cancelled"}),
+    # skipped: a sweep trial was pruned, so its later stages have nothing to do
+    "pending": frozenset({"running", "cancelled", "skipped"}),
     # pending: the daemon died while it ran, so it runs again (resuming from its checkpoint)
     "running": frozenset({"succeeded", "skipped", "failed", "interrupted", "cancelled", "pending"}),
     "interrupted": frozenset({"pending", "cancelled"}),
@@ -125,6 +128,19 @@ class ModelRef(BaseModel):
     version: int
 
 
+class TrialRecord(BaseModel):
+    """What makes a job a sweep's trial: its Optuna trial, parameters, and how the study was told it ended."""
+
+    number: int
+    params: dict[str, Any]
+    state: Literal["running", "complete", "pruned", "failed"] = "running"  # told to the study once it ended
+    value: float | None = None
+    note: str = ""  # "pruned at step N", or why it failed
+    zoom_stage: int | None = None  # lr_zoom
+    paused: bool = False  # cancelled with its sweep: it continues when the sweep is retried
+    ref: TrialRef
+
+
 class JobRecord(_Stateful):
     """A job as the store keeps it; ``extra="allow"`` keeps fields a newer trainbox wrote."""
 
@@ -150,12 +166,19 @@ class JobRecord(_Stateful):
     model: ModelRef | None = None
     resume_at: float | None = None  # a stage that stopped itself resumes at this time.time()
     waiting_notified: bool = False
+    parent: str | None = None  # a sweep's trial: the sweep's job id
+    trial: TrialRecord | None = None
+    shared: dict[str, str] = Field(default_factory=dict)  # stage name -> job whose stage folder this job reads
+    sweep: str | None = None  # a sweep's train_best job: the sweep's job id
+    sweep_started_at: float | None = None  # a sweep: when its trials began (timeout_minutes)
 
     @classmethod
     def new(cls, spec: JobSpec, *, source: str, claim: str | None) -> "JobRecord":
         """A fresh job in state ``waiting`` (the daemon resolves its datasets right after)."""
         now = utcnow()
-        return cls(id=new_job_id(spec.name), name=spec.name, stages=[StageRecord(name=s) for s in spec.stages],
+        # a sweep's own record: the stages its trials share, then the sweep (trials, then the report)
+        names = [*shared_stages(spec), "sweep"] if spec.kind == "sweep" else spec.stages
+        return cls(id=new_job_id(spec.name), name=spec.name, stages=[StageRecord(name=s) for s in names],
                    created_at=now, updated_at=now, spec=spec, source=source, claim=claim)
 
     @classmethod
@@ -217,6 +240,9 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "attempts": job.attempts,
         "device": job.device,
         "model": job.model.model_dump() if job.model else None,
+        "parent": job.parent,
+        "trial": job.trial.model_dump(include={"number", "params", "state", "value", "note"}) if job.trial else None,
+        "sweep": job.sweep,
     }
 
 
@@ -234,6 +260,9 @@ def job_outcome(job: JobRecord) -> str:
             parts.append(line)
         elif stage.name == "evaluate" and s.get("perplexity") is not None:
             parts.append(f"perplexity {s['perplexity']:.2f}")
+        elif stage.name == "sweep" and s.get("best_trial") is not None:
+            parts.append(f"best trial {s['best_trial']} ({s['objective']} {s['best_value']:.4f}) of "
+                         f"{s['trials']} trials ({s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed)")
         elif stage.name == "export" and stage.state == "skipped":
             parts.append(f"export skipped: {stage.message}")
         elif stage.name == "export" and stage.artifacts.get("model_dir"):

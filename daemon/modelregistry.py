@@ -92,6 +92,7 @@ def ensure_entry(store: Store, job: JobRecord) -> dict[str, Any]:
         "metrics": {},
         "winner": None,
         "artifacts": {},
+        "sweep": job.sweep,  # the sweep whose best trial this model is (then: train_best)
         "created_at": utcnow(),
         "updated_at": utcnow(),
     })

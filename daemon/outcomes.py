@@ -61,7 +61,7 @@ class Outcomes:
         """Register the model the stage reports and publish the folder it names; return its artifacts as
         absolute paths (where they are after publishing), as the job record keeps them."""
         artifacts = {k: str(stage_dir / v) for k, v in result.artifacts.items()}
-        if not result.model:
+        if not result.model or self.store.job(job_id).trial is not None:  # a sweep's trials are not registered
             return artifacts
         entry = modelregistry.ensure_entry(self.store, self.store.job(job_id))
         model = ModelRef(name=entry["name"], version=entry["version"])

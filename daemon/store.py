@@ -115,6 +115,10 @@ class Store:
         return self._records(self._jobs.search((_Q.state == "interrupted") & _Q.resume_at.test(
             lambda t: t is not None and t <= now)))
 
+    def trials_of(self, sweep_id: str) -> list[JobRecord]:
+        """The trial jobs of a sweep, by trial number."""
+        return sorted(self._records(self._jobs.search(_Q.parent == sweep_id)), key=lambda j: j.trial.number)
+
     def job_for_datasets(self, patterns: list[str]) -> JobRecord | None:
         """A job whose spec names exactly these dataset patterns (a default job already made)."""
         doc = self._jobs.get(_Q.spec.datasets == list(patterns))

@@ -23,6 +23,7 @@ from daemon.jobs import JobRecord, utcnow
 from daemon.layout import Layout
 from daemon.outcomes import Outcomes
 from daemon.store import Store
+from daemon.sweeps import SWEEP_STAGE, SweepController, shared_stage_dir, storage_errors
 from trainbox.fsio import read_json
 from trainbox.jobspec import TrainSpec
 from trainbox.protocol import (EVENTS_FILE, EXIT_INTERRUPTED, LOG_FILE, PROGRESS_FILE, RESULT_FILE, STAGE_FILE,
@@ -58,6 +59,7 @@ class Supervisor:
         self.capacity["cpu"] = settings.concurrency.cpu_jobs
         self.running: dict[str, Running] = {}
         self.outcomes = Outcomes(layout, store, settings, notify)
+        self.sweeps = SweepController(layout, store)
 
     # start-up -------------------------------------------------------------
     def recover(self) -> None:
@@ -76,11 +78,13 @@ class Supervisor:
         for run in list(self.running.values()):
             self._poll(run)
         self._resume_self_stopped()
+        self._advance_sweeps()
         self._start_queued()
         self._check_waiting()
 
     def busy(self) -> bool:
-        return bool(self.running) or self.store.has_queued_jobs()
+        # a running job without a child is a sweep whose trials are between jobs
+        return bool(self.running) or self.store.has_queued_jobs() or bool(self.store.jobs_in("running"))
 
     def _free_slots(self, stage: str, train: TrainSpec) -> list[str] | None:
         """Slots for ``stage`` now (one per rank of a distributed train stage on GPUs), or None to wait."""
@@ -107,6 +111,8 @@ class Supervisor:
             if index is None:
                 self._finish(job.id, "succeeded")
                 continue
+            if job.stages[index].name == SWEEP_STAGE and not self._sweep_trials_ended(job, index):
+                continue
             slots = self._free_slots(job.stages[index].name, job.spec.train)
             if slots is not None:
                 self._start_stage(job, index, slots)
@@ -132,7 +138,7 @@ class Supervisor:
         log.info("job %s: stage %s started (pid %d, %s)", job.id, stage, proc.pid, where)
 
     def _stage_spec(self, job: JobRecord, stage: str, slot: str) -> StageSpec:
-        results = {s.name: read_result(self.layout.stage_dir(job.id, s.name)).model_dump(mode="json")
+        results = {s.name: read_result(shared_stage_dir(self.layout, job, s.name)).model_dump(mode="json")
                    for s in job.stages if s.finished}
         datasets = []
         for sha in job.datasets:
@@ -143,9 +149,39 @@ class Supervisor:
         previous = modelregistry.previous_version(self.store, model.name, model.version) if model else None
         return StageSpec(job_id=job.id, stage=stage, home=self.layout.home, job=job.spec, datasets=datasets,
                          results=results, device="cuda" if slot.startswith("cuda") else "cpu",
-                         stage_dirs={s.name: self.layout.stage_dir(job.id, s.name) for s in job.stages},
+                         stage_dirs={s.name: shared_stage_dir(self.layout, job, s.name) for s in job.stages},
                          settings={"resources": self.settings.resources.model_dump()},
-                         model=model.model_dump() if model else None, previous_model=previous)
+                         model=model.model_dump() if model else None, previous_model=previous,
+                         trial=job.trial.ref if job.trial else None)
+
+    # sweeps ---------------------------------------------------------------
+    def _advance_sweeps(self) -> None:
+        """Sweeps whose trials run: tell and ask their studies; queue the report of those whose trials ended."""
+        for job in self.store.jobs_in("running"):
+            if job.stage == SWEEP_STAGE and job.id not in self.running and self.sweeps.due(job.id) and \
+                    self._sweep_advance(job):
+                self.store.requeue(job.id)  # its report stage starts on this tick
+
+    def _sweep_trials_ended(self, job: JobRecord, index: int) -> bool:
+        """True when the sweep's report can start; else its sweep stage runs (without a child) until it can."""
+        ended = self._sweep_advance(job)
+        if not ended and self.store.job(job.id).state == "queued":
+            self.store.update_job(job.id, lambda j: run_without_child(j, index))
+        return ended
+
+    def _sweep_advance(self, job: JobRecord) -> bool:
+        try:
+            return self.sweeps.advance(job)
+        except storage_errors() as exc:
+            storage = job.spec.sweep.storage or "state/optuna.db"
+            error = (f"the sweep's study storage ({storage}) failed: {exc}; fix it (sweep.storage) and run "
+                     f"'trainbox retry {job.id}'")
+            index = job.first_unfinished()
+            if self.store.job(job.id).state == "queued":
+                self.store.update_job(job.id, lambda j: run_without_child(j, index))
+            self.store.stage_ended(job.id, index, "failed", error=error)
+            self._finish(job.id, "failed", error)
+            return False
 
     # a running stage ------------------------------------------------------
     def _poll(self, run: Running) -> None:
@@ -198,8 +234,15 @@ class Supervisor:
         job = self.store.stage_ended(run.job_id, run.index, "skipped" if result.skipped else "succeeded",
                                      summary=result.summary, artifacts=artifacts, message=result.message)
         log.info("job %s: stage %s %s", run.job_id, run.stage, job.stages[run.index].state)
+        if result.summary.get("pruned_at_step") is not None:  # a pruned trial has nothing left to evaluate
+            job = self.store.update_job(run.job_id, lambda j: skip_later_stages(j, run.index, result.message))
         if job.first_unfinished() is None:
             self._finish(run.job_id, "succeeded")
+            if run.stage == SWEEP_STAGE and job.spec.sweep.then == "train_best":
+                follow = self.sweeps.train_best(job, result.summary)
+                if follow:
+                    self.store.add_event("job_created", f"{follow.name} ({follow.id}) continues sweep {job.id} "
+                                         "with its best trial", job_id=follow.id)
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
         path = run.stage_dir / PROGRESS_FILE
@@ -246,6 +289,9 @@ class Supervisor:
 
     # requests and shutdown -------------------------------------------------
     def cancel(self, job_id: str) -> None:
+        job = self.store.job(job_id)
+        if job is not None and job.spec.kind == "sweep":
+            self.sweeps.cancel_trials(job_id, self.cancel)
         run = self.running.get(job_id)
         if run is None:
             self.store.cancel(job_id)
@@ -269,3 +315,20 @@ class Supervisor:
             kill_stage(run.proc)
             run.proc.wait()
             self._poll(run)
+
+
+def run_without_child(job: JobRecord, index: int) -> None:
+    """A sweep's ``sweep`` stage while its trials run: running, with no process of its own."""
+    stage = job.stages[index]
+    stage.move_to("running")
+    stage.started_at, stage.ended_at, stage.error = stage.started_at or utcnow(), None, None
+    job.move_to("running")
+    job.stage, job.pid, job.error = stage.name, None, None
+
+
+def skip_later_stages(job: JobRecord, index: int, reason: str) -> None:
+    """Skip the stages after ``index`` (a sweep trial its pruner stopped)."""
+    for stage in job.stages[index + 1:]:
+        if stage.state == "pending":
+            stage.move_to("skipped")
+            stage.message = f"the trial was {reason}"

@@ -94,12 +94,43 @@ def sparkline(values: Iterable[float], width: int) -> str:
 def progress_text(progress: dict[str, Any] | None) -> str:
     if not progress or progress.get("step") is None:
         return ""
-    parts = [f"{progress['step']}/{progress.get('total_steps') or '?'}"]
+    parts = [f"{progress['step']}/{progress.get('total_steps') or '?'}" + (f" {progress['unit']}"
+                                                                         if progress.get("unit") else "")]
     if progress.get("loss") is not None:
         parts.append(f"loss {progress['loss']:.4f}")
     if progress.get("eta_s") is not None:
         parts.append(f"eta {duration(progress['eta_s'])}")
     return "  ".join(parts)
+
+
+def trial_text(trial: dict[str, Any] | None) -> str:
+    """A sweep trial's parameters and how it ended: ``lr=0.0132 r=4: pruned at step 4``."""
+    if not trial:
+        return ""
+    params = " ".join(f"{k.rsplit('.', 1)[-1]}={number(v) if isinstance(v, float) else v}"
+                      for k, v in trial["params"].items())
+    if trial["state"] == "running":
+        return f"trial {trial['number']}: {params}"
+    value = f", value {number(trial['value'])}" if trial.get("value") is not None else ""
+    note = trial.get("note") or ""
+    outcome = note if note.startswith(trial["state"]) else f"{trial['state']}{value}" + (f": {note}" if note else "")
+    return f"trial {trial['number']}: {params}; {outcome}"
+
+
+def nest_trials(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jobs in their order, each sweep followed by its trials (by trial number)."""
+    children: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        if job.get("parent"):
+            children.setdefault(job["parent"], []).append(job)
+    known = {j["id"] for j in jobs}
+    out = []
+    for job in jobs:
+        if job.get("parent") in known:
+            continue
+        out.append(job)
+        out += sorted(children.get(job["id"], []), key=lambda j: j["trial"]["number"])
+    return out
 
 
 def _line(*parts: Any) -> Text:
@@ -115,9 +146,12 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     for col in ("id", "name", "state", "stage", "progress"):
         table.add_column(col, overflow="fold")
     table.add_column("updated", no_wrap=True)
-    for job in jobs:
-        table.add_row(job["id"], job["name"], state_text(job["state"]), job.get("stage") or "-",
-                      progress_text(job.get("progress")), f"{duration(age_of(job['updated_at']))} ago")
+    for job in nest_trials(jobs):
+        name = f"└ {job['name']}" if job.get("parent") else job["name"]
+        detail = trial_text(job.get("trial")) if job.get("trial") and job["state"] != "running" \
+            else progress_text(job.get("progress"))
+        table.add_row(job["id"], name, state_text(job["state"]), job.get("stage") or "-", detail,
+                      f"{duration(age_of(job['updated_at']))} ago")
     return table
 
 
@@ -133,7 +167,7 @@ def short_time(iso: str | None) -> str:
     return moment.strftime("%H:%M:%S" if moment.date() == today else "%Y-%m-%d %H:%M")
 
 
-def job_panel(job: dict[str, Any]) -> Panel:
+def job_panel(job: dict[str, Any], trials: list[dict[str, Any]] | None = None) -> Panel:
     stages = Table(expand=True)
     for col in ("stage", "state", "started", "took", "result"):
         stages.add_column(col, overflow="fold")
@@ -147,6 +181,17 @@ def job_panel(job: dict[str, Any]) -> Panel:
     head = Text.assemble(("state ", "bold"), state_text(job["state"]), f"   datasets {len(job['datasets'])}",
                          f"   base {job.get('base_model')}", f"   device {job.get('device') or '-'}")
     parts: list[Any] = [head, stages]
+    if job.get("trial"):
+        parts.append(Text(f"{trial_text(job['trial'])}   (sweep {job['parent']})"))
+    if job.get("sweep"):
+        parts.append(Text(f"the best trial's model of sweep {job['sweep']}"))
+    if trials:
+        table = Table(title="trials", expand=True)
+        for col in ("id", "state", "trial"):
+            table.add_column(col, overflow="fold")
+        for t in sorted(trials, key=lambda j: j["trial"]["number"]):
+            table.add_row(t["id"], state_text(t["state"]), trial_text(t["trial"]))
+        parts.append(table)
     if job["state"] == "waiting":
         parts.append(Text("waiting for a dataset matching: " + ", ".join(job.get("dataset_patterns") or []),
                           style="yellow"))
@@ -245,7 +290,8 @@ def running_job(job: dict[str, Any], live: dict[str, Any], width: int) -> Group:
     stage_names = [s["name"] for s in job["stages"]]
     stage = job.get("stage") or "-"
     pos = f" {stage_names.index(stage) + 1}/{len(stage_names)}" if stage in stage_names else ""
-    lines: list[RenderableType] = [_line((job["name"], "bold"), f"  {stage}{pos}",
+    trial = f"  {trial_text(job['trial'])}" if job.get("trial") else ""  # a sweep's trial: its parameters
+    lines: list[RenderableType] = [_line((job["name"], "bold"), f"  {stage}{pos}", trial,
                                          (f"  {job.get('device') or ''}", "dim"), (f"  {job['id']}", "dim"))]
     progress = live.get("progress") or job.get("progress")
     if progress and progress.get("step") is not None:

@@ -35,6 +35,7 @@ class StageContext:
         self.previous_model = spec.previous_model
         self.device = spec.device
         self.settings = spec.settings
+        self.trial = spec.trial  # the sweep trial this job runs as (pruning), or None
         self.model = spec.model  # {"name": job name, "version": N}: the registry version (evaluate/export)
         self.log = log or logging.getLogger(f"handlers.{self.stage}")
         self._stop = stop_event or threading.Event()

@@ -295,17 +295,99 @@ class SweepParam(Strict):
     low: float | None = Field(None, description="Lower bound (float/int).")
     high: float | None = Field(None, description="Upper bound (float/int).")
     log: bool = Field(False, description="Sample on a log scale.")
+    step: float | None = Field(None, gt=0, description="Spacing of values (float/int); the grid sampler needs it "
+                               "for floats.")
     choices: list[str | int | float | bool] | None = Field(None, description="Values (categorical).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SweepParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs 'choices: [...]'")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a categorical parameter takes only 'choices' (no low, high, log or step)")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"'choices' is for type: categorical; a {self.type} parameter takes low and high")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) is above high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log: true and step cannot be combined (Optuna samples either on a log scale or on a grid)")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("an int parameter needs whole-number low and high")
+        return self
 
 
 class SweepSpec(Strict):
-    trials: int = Field(10, ge=1, description="Number of trials.")
-    metric: str = Field("eval_loss", description="Stage summary value to optimise (e.g. eval_loss, macro_f1).")
+    method: Literal["optuna", "lr_zoom"] = Field(
+        "optuna", description="`optuna`: sample `params` with `sampler`; `lr_zoom`: hierarchical learning-rate "
+                              "search over the range of `params.train.learning_rate` (see docs/sweeps.md).")
+    trials: int | None = Field(None, ge=1, description="Number of trials (method optuna; default 10); failed and "
+                               "pruned trials count. lr_zoom runs the trials `zoom` gives.")
+    parallel: int = Field(1, ge=1, description="Trials run at once (each still needs a free slot of the daemon).")
+    timeout_minutes: float | None = Field(None, gt=0, description="Start no new trial after this many minutes.")
+    metric: str = Field("eval_loss", description="Stage summary value to optimise (e.g. eval_loss, macro_f1); "
+                        "read from the evaluate stage, else the train stage (final_eval_loss).")
+    objective: dict[str, float] | None = Field(
+        None, description="Weighted sum of summary values instead of `metric`, e.g. {critical_recall: 1, "
+                          "macro_f1: 1, ece: -1}.")
     direction: Literal["minimize", "maximize"] = Field("minimize", description="Optimisation direction.")
-    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler.")
-    pruner: Literal["median", "none"] = Field("median", description="Optuna pruner.")
-    storage: str | None = Field(None, description="RDB URL; default sqlite at state/optuna.db")
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler, seeded by the job's seed.")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stops a trial early from the eval loss its train stage reports at each in-training "
+                              "evaluation (set train.eval_every_steps).")
+    storage: str | None = Field(None, description="RDB URL; default sqlite at state/optuna.db. A postgresql:// URL "
+                                "lets daemons on several machines share one study.")
+    study: str | None = Field(None, description="Optuna study name; default the sweep job's id. Daemons sharing "
+                              "a study set the same name.")
+    zoom: str = Field("5-5-5-5", description="lr_zoom: learning rates per zoom stage (stage 0 spans the range).")
+    then: Literal["none", "train_best"] = Field(
+        "none", description="`train_best`: a follow-up job evaluates and exports the best trial's model.")
     params: dict[str, SweepParam] = Field(default_factory=dict, description="Dotted key path -> search space.")
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+(-\d+)*", v) or any(int(n) < 2 for n in v.split("-")):
+            raise ValueError("write learning rates per stage joined by '-', each at least 2, e.g. 5-5-5-5")
+        return v
+
+    @model_validator(mode="after")
+    def _method(self) -> "SweepSpec":
+        if not self.params:
+            raise ValueError("a sweep needs 'params': dotted key -> search space, e.g. "
+                             "train.learning_rate: {type: float, low: 1e-5, high: 1e-2, log: true}")
+        if self.method == "lr_zoom":
+            lr = self.params.get("train.learning_rate")
+            if set(self.params) != {"train.learning_rate"} or lr is None or lr.type != "float":
+                raise ValueError("method lr_zoom searches one parameter: params: {train.learning_rate: "
+                                 "{type: float, low: ..., high: ...}}")
+            if self.trials is not None:
+                raise ValueError("method lr_zoom runs the trials 'zoom' gives; remove 'trials'")
+            if self.sampler != "tpe" and "sampler" in self.model_fields_set:
+                raise ValueError("method lr_zoom picks its learning rates itself; remove 'sampler'")
+        if self.sampler == "grid":
+            open_floats = [k for k, p in self.params.items() if p.type == "float" and p.step is None]
+            if open_floats:
+                raise ValueError(f"the grid sampler needs a 'step' for float parameter(s) {', '.join(open_floats)}")
+        return self
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs (lr_zoom: at most, as points within 10 % of a tried one are skipped)."""
+        if self.method == "lr_zoom":
+            return sum(self.zoom_stages())
+        return self.trials or 10
+
+    def study_name(self, job_id: str) -> str:
+        return self.study or job_id
+
+    def zoom_stages(self) -> list[int]:
+        return [int(n) for n in self.zoom.split("-")]
 
 
 class JobSpec(Strict):

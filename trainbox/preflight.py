@@ -37,9 +37,8 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
     if missing:
         problems.append(Problem(f"stage(s) {', '.join(missing)} are not available in this trainbox version",
                                 key="stages", fix=f"use only: {', '.join(STAGES)}"))
-    if spec.kind == "sweep":
-        problems.append(Problem("sweeps are not available in this trainbox version", key="kind",
-                                fix="remove 'kind: sweep' and the 'sweep:' section to run one configuration"))
+    if spec.kind == "sweep" and spec.sweep is not None:
+        problems += sweep_problems(spec, gpu_count)
     if "train" in spec.stages:
         problems += train_problems(spec.train, cuda_available=gpu_count > 0)
         problems += distributed_problems(spec.train, gpu_count)
@@ -55,6 +54,58 @@ def check_job(spec: JobSpec, gpu_count: int) -> list[Problem]:
     problems += base_problems
     if "export" in spec.stages:
         problems += export_problems(base_config, spec.export)
+    return problems
+
+
+def sweep_problems(spec: JobSpec, gpu_count: int) -> list[Problem]:
+    """A sweep whose trials could not run as written: unknown keys, values the schema or this machine refuses
+    (each bound and choice is checked as a trial job), a grid smaller than ``trials``, an export that would never
+    run, a storage driver that is missing."""
+    from pydantic import ValidationError
+
+    from trainbox.study import apply_params, grid_size, param_path_problem
+
+    sweep, problems = spec.sweep, []
+    as_is = {p.sentence() for p in check_job(apply_params(spec, {}), gpu_count)}
+    for key, param in sweep.params.items():
+        reason = param_path_problem(key)
+        if reason:
+            problems.append(Problem(reason, key=f"sweep.params.{key}", fix="name a key of the job, e.g. "
+                                    "train.learning_rate, train.lora.r or train.warmup_ratio"))
+            continue
+        values = param.choices if param.type == "categorical" else [param.low, param.high]
+        if param.type == "int":
+            values = [int(v) for v in values]
+        for value in values:
+            try:
+                trial = apply_params(spec, {key: value})
+            except ValidationError as exc:
+                problems.append(Problem(f"the value {value!r} is not valid for {key}: {exc.errors()[0]['msg']}",
+                                        key=f"sweep.params.{key}", fix="keep the search space inside what the "
+                                        "key accepts (see docs/jobs.md)"))
+                break
+            new = [p for p in check_job(trial, gpu_count) if p.sentence() not in as_is]
+            if new:  # e.g. train.method: qlora on a machine without CUDA, or loss weights
+                problems += [Problem(f"a trial with {key}={value!r} could not run: {p.message}",
+                                     key=f"sweep.params.{key}", fix=p.fix) for p in new]
+                break
+    size = grid_size(sweep) if not problems and sweep.sampler == "grid" else None
+    if size is not None and sweep.method == "optuna" and size < sweep.trial_count:
+        problems.append(Problem(f"the grid has {size} points but trials is {sweep.trial_count}",
+                                key="sweep.trials", fix=f"set trials: {size} or widen the grid"))
+    if "train" not in spec.stages:
+        problems.append(Problem("a sweep trains one model per trial, but stages has no train", key="stages",
+                                fix="add train (and evaluate) to stages"))
+    if "export" in spec.stages and sweep.then != "train_best":
+        problems.append(Problem("trials are not exported; export runs after the sweep only with then: train_best",
+                                key="stages", fix="set sweep.then: train_best, or remove export from stages"))
+    if (sweep.storage or "").startswith(("postgresql://", "postgresql+psycopg2://")) and \
+            importlib.util.find_spec("psycopg2") is None:
+        problems.append(Problem("a postgresql:// storage needs the psycopg2 driver, which is not installed",
+                                key="sweep.storage", fix="pip install 'trainbox[postgres]'"))
+    elif sweep.storage and not sweep.storage.startswith(("sqlite:///", "postgresql")):
+        problems.append(Problem(f"{sweep.storage.split(':')[0]!r} storage is not supported", key="sweep.storage",
+                                fix="use sqlite:///path/optuna.db or postgresql://user@host:port/db"))
     return problems
 
 

@@ -35,6 +35,18 @@ class DatasetEntry(BaseModel):
     rows: int
 
 
+class TrialRef(BaseModel):
+    """The Optuna trial a sweep's trial job runs as: its train stage reports intermediate values to it."""
+
+    storage: str
+    study: str
+    trial_id: int
+    number: int
+    direction: Literal["minimize", "maximize"]
+    pruner: str
+    trials: int
+
+
 class StageSpec(BaseModel):
     """``stage.json``: everything the daemon tells a stage it starts."""
 
@@ -52,6 +64,7 @@ class StageSpec(BaseModel):
     settings: dict[str, Any] = {}
     model: dict[str, Any] | None = None  # {"name", "version"}: the registry version this job's model gets
     previous_model: dict[str, Any] | None = None  # the registry entry before it, for comparison
+    trial: TrialRef | None = None  # set for the stages of a sweep's trial
 
 
 class StageResult(BaseModel):

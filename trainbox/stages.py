@@ -11,5 +11,6 @@ STAGES: dict[str, str] = {
     "evaluate": "handlers.evaluate",
     "augment": "handlers.augment",
     "export": "handlers.export",
+    "sweep": "handlers.sweep",  # a sweep's report, once its trials (jobs of their own) have ended
 }
 

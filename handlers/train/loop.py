@@ -27,6 +27,7 @@ from handlers.train.metrics import LOSS_TERMS, MetricsLog
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.objective import Objective, StepCounts, micro_loss, micro_terms, step_record, step_sums
 from handlers.train.objective import token_loss_sum as token_loss_sum  # the validation loss; tests use it
+from handlers.train.pruning import Pruned
 from handlers.train.trainstate import TrainState, save_training_state
 from trainbox.errors import StageFailed, StopRequested
 
@@ -67,6 +68,7 @@ class TrainRun:
     write_progress_log: Callable[[dict[str, Any]], None] = lambda fields: None
     on_row: Callable[[dict[str, Any]], None] = lambda row: None
     on_event: Callable[..., None] = lambda kind, message, **data: None
+    should_prune: Callable[[int, float], bool] | None = None  # a sweep trial's pruner, asked after each eval
     system: dict[str, Any] = field(default_factory=dict)  # latest CPU/RAM/GPU snapshot (background sampler)
     checkpoints_written: list[Checkpoint] = field(default_factory=list)
     checkpoint_seconds: float = 0.0
@@ -257,3 +259,5 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
         if run.flags.progress_due.is_set():
             run.flags.progress_due.clear()
             run.write_progress_log(fields)
+        if run.should_prune and row.get("eval_loss") is not None and run.should_prune(state.step, row["eval_loss"]):
+            raise Pruned(state.step, row["eval_loss"])

@@ -28,6 +28,7 @@ from handlers.train.model import build_model, packing_is_exact
 from handlers.train.monitor import UpdateMonitor
 from handlers.train.objective import Objective
 from handlers.train.observers import Observers
+from handlers.train.pruning import Pruned, pruning_check
 from handlers.train.plan import make_plan, resolve_device, total_steps
 from handlers.train.trainstate import TrainState, apply_training_state, read_training_state
 from trainbox.errors import StageFailed
@@ -200,7 +201,9 @@ def _train(ctx: StageContext, world: World) -> StageResult:
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
         every_steps=spec.checkpoint.every_steps, objective=Objective.of(spec), world=world, seed=ctx.job.seed,
-        ddp=distributed.wrap(model, world, plan.device))
+        ddp=distributed.wrap(model, world, plan.device),
+        # ranks must stop at the same step: a distributed trial is not pruned (it runs to the end)
+        should_prune=None if world.enabled else pruning_check(ctx))
     state.history = run.metrics.history  # the checkpoint carries the rows written so far
     if world.enabled:
         run.report_rank = ranks.reporter(stage_dir, world, plan.device, run.system)
@@ -212,6 +215,8 @@ def _train(ctx: StageContext, world: World) -> StageResult:
     observers = Observers.start(ctx, run)
     try:
         train_loop(ctx, run)
+    except Pruned as pruned:
+        return pruned_result(run, pruned)
     finally:
         observers.stop()
         run.metrics.close()
@@ -223,6 +228,17 @@ def _train(ctx: StageContext, world: World) -> StageResult:
     if diskspace.summary():
         ctx.emit_event("resource_warning", diskspace.summary(), resource="disk")
     return result
+
+
+def pruned_result(run: TrainRun, pruned: Pruned) -> StageResult:
+    """A sweep trial its pruner stopped: no adapter, the step and loss it stopped at (the metrics files stay)."""
+    run.metrics.write_csv()
+    return StageResult(summary={"pruned_at_step": pruned.step, "final_eval_loss": pruned.eval_loss,
+                                "total_steps": run.total_steps, "train_seconds": round(run.state.train_seconds, 3)},
+                       artifacts={"metrics_jsonl": metrics.JSONL, "metrics_csv": metrics.CSV,
+                                  "checkpoints": CHECKPOINTS},
+                       message=f"pruned at step {pruned.step} of {run.total_steps} "
+                               f"(eval loss {pruned.eval_loss:.4f})")
 
 
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,

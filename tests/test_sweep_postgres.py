@@ -1,0 +1,99 @@
+"""Two daemons on two homes share one sweep through a real PostgreSQL server (Debian's packages, started here
+on a temp data dir and a loopback port): every trial runs exactly once, and both see the same best trial."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from conftest import FAST_SETTINGS, REPO, jobs_json
+from daemon.layout import Layout
+from trainbox.study import open_study
+
+pytest.importorskip("psycopg2", reason="pip install 'trainbox[postgres]' (part of the dev extra)")
+DATA = REPO / "configs" / "demo" / "demo_safety.jsonl"
+TRIALS = 4
+
+
+def pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name)
+                                                                          else [])
+    if not found:
+        pytest.skip(f"PostgreSQL's {name} is not installed (apt-get install postgresql; .ci/run does)")
+    return found[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory) -> Iterator[str]:
+    """A throwaway PostgreSQL server; as root (CI) it runs as the postgres user, which initdb requires."""
+    root = Path(tempfile.mkdtemp(prefix="trainbox-pg-"))  # not under pytest's root-only temp folder
+    data, port = root / "data", free_port()
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    run = [*as_user, pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
+    done = subprocess.run(run, capture_output=True, text=True)
+    assert done.returncode == 0, f"{run}: {done.stderr}"
+    run = [*as_user, pg_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-o",
+           f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]
+    done = subprocess.run(run, capture_output=True, text=True)
+    assert done.returncode == 0, f"{run}: {done.stderr}{(root / 'server.log').read_text(errors='replace')}"
+    try:
+        subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "trainbox"],
+                       check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/trainbox"
+    finally:
+        subprocess.run([*as_user, pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def home_for(root: Path, storage: str) -> Path:
+    home = root / "home"
+    Layout(home).create()
+    (home / "daemon.yaml").write_text(yaml.safe_dump(FAST_SETTINGS), encoding="utf-8")
+    job = {"name": "shared-sweep", "kind": "sweep", "datasets": ["demo_safety.jsonl"], "stages": ["prepare", "train"],
+           "seed": 11, "prepare": {"max_rows": 64, "split": {"train": 0.7, "val": 0.2, "test": 0.1}},
+           "train": {"max_steps": 4, "batch_size": 8, "max_seq_length": 64, "eval_every_steps": 2},
+           "sweep": {"trials": TRIALS, "metric": "final_eval_loss", "sampler": "random", "pruner": "none",
+                     "storage": storage, "study": "shared-sweep",
+                     "params": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}}}}
+    (home / "inbox" / "sweep.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+    (home / "inbox" / "demo_safety.jsonl").write_bytes(DATA.read_bytes())
+    return home
+
+
+def test_two_daemons_share_one_study_and_run_every_trial_once(postgres_url, tmp_path) -> None:
+    homes = [home_for(tmp_path / name, postgres_url) for name in ("a", "b")]
+    daemons = [subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--once", "--home", str(h)],
+                                stdout=subprocess.DEVNULL, stderr=open(h / "daemon.err", "w"), cwd=REPO)
+               for h in homes]
+    for daemon, home in zip(daemons, homes):
+        assert daemon.wait(timeout=600) == 0, (home / "daemon.err").read_text()[-3000:]
+    ran: list[int] = []
+    bests = []
+    for home in homes:
+        jobs = jobs_json(home)
+        (sweep,) = [j for j in jobs if j["parent"] is None]
+        assert sweep["state"] == "succeeded", sweep["error"]
+        ran += [j["trial"]["number"] for j in jobs if j["parent"] and j["state"] == "succeeded"]
+        bests.append((sweep["stages"][1]["summary"]["best_trial"], sweep["stages"][1]["summary"]["best_value"]))
+    assert sorted(ran) == list(range(TRIALS)), f"each trial exactly once across both homes: {sorted(ran)}"
+    study = open_study(postgres_url, "shared-sweep", "minimize")
+    counted = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    assert len(counted) == TRIALS and all(t.state.name == "COMPLETE" for t in counted)
+    assert bests[0] == bests[1] == (study.best_trial.number, study.best_trial.value)

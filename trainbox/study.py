@@ -1,0 +1,160 @@
+"""The Optuna side of a sweep, shared by the daemon's controller, the train stage (pruning) and the report.
+
+Optuna is imported lazily inside the functions: importing this module stays cheap and torch-free, and the
+daemon pays optuna's import (about half a second) only once a sweep exists.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainbox.jobspec import JobSpec, SweepParam, SweepSpec
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+SQLITE_TIMEOUT_S = 60  # the daemon and every trial's train stage write the same SQLite file
+FIXED_KEYS = ("name", "kind", "datasets", "sweep", "stages", "seed")
+
+
+def storage_url(sweep: SweepSpec, home: Path) -> str:
+    """The study's RDB URL: ``sweep.storage``, else SQLite at ``<home>/state/optuna.db``."""
+    return sweep.storage or f"sqlite:///{Path(home).resolve() / 'state' / 'optuna.db'}"
+
+
+def _storage(url: str) -> "optuna.storages.RDBStorage":
+    import optuna
+
+    if url.startswith("postgresql://"):  # SQLAlchemy 2.1 would pick psycopg 3; trainbox[postgres] installs psycopg2
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    optuna.logging.disable_default_handler()  # its records go to our logging handlers instead
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def make_pruner(kind: str, trials: int) -> "optuna.pruners.BasePruner":
+    """Median: prune below the median of earlier trials at the same step, once a quarter of the trials finished
+    (at least one); Hyperband: successive halving brackets over the train steps."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=max(1, trials // 4), n_warmup_steps=0)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(url: str, name: str, direction: str, pruner: str = "none", trials: int = 1) -> "optuna.Study":
+    """Load study ``name`` from ``url``, creating it on first use (several daemons may race to create it)."""
+    import optuna
+
+    return optuna.create_study(storage=_storage(url), study_name=name, direction=direction,
+                               pruner=make_pruner(pruner, trials), load_if_exists=True)
+
+
+def distributions(sweep: SweepSpec) -> dict[str, Any]:
+    """Optuna distributions of ``sweep.params`` (dotted key -> distribution)."""
+    return {key: _distribution(p) for key, p in sweep.params.items()}
+
+
+def _distribution(p: SweepParam) -> Any:
+    import optuna.distributions as d
+
+    if p.type == "categorical":
+        return d.CategoricalDistribution(p.choices)
+    if p.type == "int":
+        return d.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return d.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+
+
+def grid_values(p: SweepParam) -> list[Any]:
+    """Every value of a parameter on the grid sampler's grid."""
+    if p.type == "categorical":
+        return list(p.choices or [])
+    step = p.step or 1
+    count = int(math.floor((p.high - p.low) / step + 1e-9)) + 1
+    values = [p.low + i * step for i in range(count)]
+    return [int(v) for v in values] if p.type == "int" else [round(v, 12) for v in values]
+
+
+def grid_size(sweep: SweepSpec) -> int:
+    return math.prod(len(grid_values(p)) for p in sweep.params.values())
+
+
+def make_sampler(sweep: SweepSpec, seed: int, existing_trials: int,
+                 machine: str = "") -> "optuna.samplers.BaseSampler":
+    """A fresh sampler per ask, seeded by the job's seed and the trial count: a daemon restarted mid-sweep
+    samples the same next trial as one that never stopped (a sampler's own RNG would restart from the seed).
+    ``machine`` (its home, for a shared study) keeps two daemons asking at the same moment from drawing the
+    same parameters."""
+    import optuna
+
+    seed = (seed * 1_000_003 + existing_trials + zlib.crc32(machine.encode())) % 2**31
+    if sweep.sampler == "grid":
+        return optuna.samplers.GridSampler({k: grid_values(p) for k, p in sweep.params.items()}, seed=seed)
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, sweep.trial_count // 3)))
+
+
+def shared_stages(spec: JobSpec) -> list[str]:
+    """Stages a sweep runs once for all its trials: prepare, and augment unless an ``augment.*`` key is swept."""
+    swept_augment = any(key.startswith("augment.") for key in spec.sweep.params)
+    return [s for s in spec.stages if s == "prepare" or (s == "augment" and not swept_augment)]
+
+
+def apply_params(spec: JobSpec, params: dict[str, Any]) -> JobSpec:
+    """``spec`` as one trial runs it: each dotted key set to its value, as a plain pipeline job."""
+    doc = spec.model_dump(mode="json")
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    doc.update(kind="pipeline", sweep=None)
+    return JobSpec.model_validate(doc)
+
+
+def param_path_problem(key: str) -> str | None:
+    """Why a dotted key cannot be swept (None: it can)."""
+    parts = key.split(".")
+    if parts[0] in FIXED_KEYS:
+        return f"{parts[0]} is the same for every trial and cannot be swept"
+    model: Any = JobSpec
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            where = ".".join(parts[:i]) or "the job"
+            known = ", ".join(sorted(fields)) if fields else "nothing (it is a value)"
+            return f"{where} has no key {part!r} (it has: {known})"
+        model = fields[part].annotation
+        if i < len(parts) - 1 and not hasattr(model, "model_fields"):
+            return f"{'.'.join(parts[:i + 1])} is a value, not a section"
+    if hasattr(model, "model_fields"):
+        return f"{key} is a section; name one of its keys ({', '.join(sorted(model.model_fields))})"
+    return None
+
+
+def objective_value(sweep: SweepSpec, summary: dict[str, Any]) -> float:
+    """The number a trial reports: ``metric``, or the weighted sum in ``objective``, from the trial's summary
+    values (evaluate's over train's). Raises KeyError naming what is missing and what is there."""
+    weights = sweep.objective or {sweep.metric: 1.0}
+    missing = [k for k in weights if not isinstance(summary.get(k), (int, float)) or summary.get(k) is None]
+    if missing:
+        have = ", ".join(sorted(k for k, v in summary.items() if isinstance(v, (int, float))
+                                and not isinstance(v, bool)))
+        raise KeyError(f"the trial reported no {', '.join(missing)} (numbers it reported: {have})")
+    return float(sum(w * float(summary[k]) for k, w in weights.items()))
+
+
+def intermediate_value(direction: str, eval_loss: float) -> float:
+    """What a train stage reports for pruning: the eval loss, negated when the study maximizes (lower loss is
+    better in both cases, and the pruner compares in the study's direction)."""
+    return -eval_loss if direction == "maximize" else eval_loss
