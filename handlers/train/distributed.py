@@ -112,6 +112,14 @@ def wait_for_all(world: World, what: str) -> None:
         _communicate(what, dist.barrier)
 
 
+def local_first(world: World, what: str, call: Any) -> Any:
+    """``call()`` on the first rank of each machine, then on the others: a cache it fills (the builtin model,
+    a hub download) is written once, never by several ranks at the same time."""
+    result = call() if world.local_rank == 0 else None
+    wait_for_all(world, what)
+    return result if world.local_rank == 0 else call()
+
+
 def share_from_main(world: World, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (CPU tensors inside are fine; any machine, no shared disk needed)."""
     if not world.enabled:

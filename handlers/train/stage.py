@@ -170,7 +170,8 @@ def run_train(ctx: StageContext) -> StageResult:
 def _train(ctx: StageContext, world: World) -> StageResult:
     spec, stage_dir = ctx.job.train, ctx.stage_dir
     started = time.time()
-    base = resolve_base_model(ctx.job.base_model, ctx.home)
+    base = distributed.local_first(world, "loading the base model",
+                                   lambda: resolve_base_model(ctx.job.base_model, ctx.home))
     plan = make_plan(spec, ctx.device, base)
     # ranks on one machine share its cores
     configure_torch(plan.device, max(1, plan.cpu_threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
