@@ -17,12 +17,12 @@ from daemon.layout import Layout
 from trainbox.study import open_study
 
 DATA = REPO / "configs" / "demo" / "demo_safety.jsonl"
-TRIALS = 3
+TRIALS = 2
 SWEEP_JOB = {
     "name": "tiny-sweep", "kind": "sweep", "datasets": ["demo_safety.jsonl"], "base_model": "builtin:tiny",
     "stages": ["prepare", "train"], "seed": 7,
     "prepare": {"max_rows": 96, "split": {"train": 0.7, "val": 0.2, "test": 0.1}},
-    "train": {"max_steps": 8, "batch_size": 8, "max_seq_length": 64, "eval_every_steps": 2,
+    "train": {"max_steps": 6, "batch_size": 8, "max_seq_length": 64, "eval_every_steps": 2,
               "checkpoint": {"every_steps": 2}},
     "sweep": {"trials": TRIALS, "metric": "final_eval_loss", "direction": "minimize", "pruner": "median",
               "params": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
@@ -30,7 +30,7 @@ SWEEP_JOB = {
 }
 
 
-def new_home(root: Path, trials: int = TRIALS, max_steps: int = 8) -> Path:
+def new_home(root: Path, trials: int = TRIALS, max_steps: int = 6) -> Path:
     home = root / "home"
     Layout(home).create()
     (home / "daemon.yaml").write_text(yaml.safe_dump(FAST_SETTINGS), encoding="utf-8")
@@ -77,7 +77,7 @@ def test_a_sweep_runs_its_trials_as_child_jobs_and_reports(reference) -> None:
         assert job["trial"]["state"] in ("complete", "pruned")
         if job["trial"]["state"] == "pruned":
             step = job["stages"][1]["summary"]["pruned_at_step"]
-            assert job["trial"]["note"] == f"pruned at step {step}" and step < 8
+            assert job["trial"]["note"] == f"pruned at step {step}" and step < 6
         else:
             assert any((home / "jobs" / job["id"] / "train" / "checkpoints").iterdir())
     summary = sweep["stages"][1]["summary"]
@@ -94,9 +94,10 @@ def test_a_sweep_runs_its_trials_as_child_jobs_and_reports(reference) -> None:
 def test_sigkill_three_times_keeps_every_trial_once_and_the_same_best(reference, tmp_path) -> None:
     home = new_home(tmp_path)
     kills = 0
-    for trial in range(TRIALS):  # kill -9 once while each trial trains, after its first checkpoint
+    # kill -9 while trial 0 trains (after its first checkpoint, then after a later one) and while trial 1 does
+    for trial, step in ((0, 2), (0, 4), (1, 2)):
         daemon = DaemonProcess(home).wait_ready(timeout=60)
-        wait_for(lambda: checkpointed(home, trial), timeout=300, what=f"a checkpoint of trial {trial}")
+        wait_for(lambda: checkpointed(home, trial, step), timeout=300, what=f"trial {trial}'s step {step} checkpoint")
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
         daemon.log.close()
@@ -114,8 +115,13 @@ def test_sigkill_three_times_keeps_every_trial_once_and_the_same_best(reference,
     assert any(resumed), f"no trial resumed from a checkpoint: {resumed}"
 
 
-def checkpointed(home: Path, number: int) -> bool:
-    return any((home / "jobs").glob(f"*.t{number:03d}-*/train/checkpoints/step-*/manifest.json"))
+def checkpointed(home: Path, number: int, step: int = 2) -> bool:
+    """Trial ``number`` has a complete checkpoint at ``step`` or later (or has finished training)."""
+    folder = next((home / "jobs").glob(f"*.t{number:03d}-*/train"), None)
+    if folder is None:
+        return False
+    steps = [int(p.parent.name.split("-")[-1]) for p in folder.glob("checkpoints/*/manifest.json")]
+    return max(steps, default=0) >= step or (folder / "result.json").exists()
 
 
 def test_cancel_stops_the_trials_and_retry_continues_the_sweep(tmp_path) -> None:

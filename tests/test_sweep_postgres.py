@@ -68,7 +68,7 @@ def home_for(root: Path, storage: str) -> Path:
     (home / "daemon.yaml").write_text(yaml.safe_dump(FAST_SETTINGS), encoding="utf-8")
     job = {"name": "shared-sweep", "kind": "sweep", "datasets": ["demo_safety.jsonl"], "stages": ["prepare", "train"],
            "seed": 11, "prepare": {"max_rows": 64, "split": {"train": 0.7, "val": 0.2, "test": 0.1}},
-           "train": {"max_steps": 4, "batch_size": 8, "max_seq_length": 64, "eval_every_steps": 2},
+           "train": {"max_steps": 2, "batch_size": 8, "max_seq_length": 64},
            "sweep": {"trials": TRIALS, "metric": "final_eval_loss", "sampler": "random", "pruner": "none",
                      "storage": storage, "study": "shared-sweep",
                      "params": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}}}}
