@@ -13,8 +13,8 @@ from handlers.train.metrics import COLUMNS
 from handlers.train.progress import TRAINING_FIELDS
 from train_fixtures import demo_examples, make_train_stage, split_by_hash
 
-SYSTEM_FIELDS = ("cpu_percent", "ram_percent", "gpus", "gpu_utilization_percent", "gpu_memory_used_mb",
-                 "gpu_memory_total_mb", "gpu_temperature_c")
+SYSTEM_FIELDS = ("cpu_percent", "ram_percent", "gpus", "gpu_utilization_percent", "gpu_memory_used_mib",
+                 "gpu_memory_total_mib", "gpu_temperature_c")
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,10 @@ def system_snapshot(device: str) -> dict[str, Any]:
     index = nvml_index(device)
     mine = gpus[index] if device.startswith("cuda") and index < len(gpus) else None
     return {"cpu_percent": psutil.cpu_percent(interval=None), "ram_percent": psutil.virtual_memory().percent,
-            "process_rss_mb": round(psutil.Process().memory_info().rss / 2**20), "gpus": gpus,
+            "process_rss_mib": round(psutil.Process().memory_info().rss / 2**20), "gpus": gpus,
             "gpu_utilization_percent": mine and mine["utilization_percent"],
-            "gpu_memory_used_mb": mine and mine["memory_used_mib"],
-            "gpu_memory_total_mb": mine and mine["memory_total_mib"],
+            "gpu_memory_used_mib": mine and mine["memory_used_mib"],
+            "gpu_memory_total_mib": mine and mine["memory_total_mib"],
             "gpu_temperature_c": mine and mine["temperature_c"]}
 
 
