@@ -40,7 +40,8 @@ class EvalModels:
             self.model.set_adapter("default")
 
 
-def base_model_ref(ctx: Any) -> str:
+def base_model_path(ctx: Any) -> str:
+    """Where the base model was loaded from: the folder train used, else the job's ``base_model`` resolved."""
     train = ctx.summary_of("train", TrainSummary)
     return (train and train.base_model_path) or resolve_base_model(ctx.job.base_model, ctx.home)
 
@@ -78,7 +79,7 @@ def load_models(ctx: Any) -> EvalModels:
                           "before evaluate (stages: [prepare, train, evaluate])") from exc
     device = ctx.device if ctx.device else "cpu"
     tokenizer = load_tokenizer(tokenizer_dir)
-    base = load_causal_lm(base_model_ref(ctx), device=device, dtype=_dtype(device))
+    base = load_causal_lm(base_model_path(ctx), device=device, dtype=_dtype(device))
     model = PeftModel.from_pretrained(base, str(adapter), adapter_name="default")
     model.eval()
     variants = [TUNED] + ([BASE] if ctx.job.evaluate.compare_base else [])
