@@ -324,11 +324,11 @@ def rank_lines(ranks: list[dict[str, Any]] | None) -> list[Text]:
     out = []
     for r in ranks or []:
         if r.get("gpu_utilization_percent") is not None:
-            load = f"gpu util {r['gpu_utilization_percent']}%  mem {(r.get('gpu_memory_used_mb') or 0) / 1024:.1f} GiB"
+            load = f"gpu util {r['gpu_utilization_percent']}%  mem {(r.get('gpu_memory_used_mib') or 0) / 1024:.1f} GiB"
         else:
             load = f"cpu {r.get('process_cpu_percent') or 0:.0f}%"
         out.append(_line((f" rank {r.get('rank')} ", "bold"), f"node {r.get('node_rank', 0)}  {r.get('device')}  "
-                         f"step {r.get('step')}  {load}  rss {r.get('process_rss_mb')} MB", (f"  pid {r.get('pid')}",
+                         f"step {r.get('step')}  {load}  rss {r.get('process_rss_mib')} MiB", (f"  pid {r.get('pid')}",
                                                                                              "dim")))
     return out
 

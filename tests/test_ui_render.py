@@ -119,7 +119,7 @@ def test_a_distributed_stage_shows_one_line_per_rank_and_still_fits_80x24(prepar
     snap["gpus"] = []
     (job_id,) = snap["live"]
     ranks = [{"rank": r, "node_rank": 0, "device": f"cuda:{r}", "step": 12, "gpu_utilization_percent": 90 + r,
-              "gpu_memory_used_mb": 20480, "process_cpu_percent": 100.0, "process_rss_mb": 3000, "pid": 100 + r}
+              "gpu_memory_used_mib": 20480, "process_cpu_percent": 100.0, "process_rss_mib": 3000, "pid": 100 + r}
              for r in range(4)]
     snap["live"][job_id]["progress"] = {**(snap["live"][job_id]["progress"] or {}), "step": 12, "total_steps": 40,
                                         "ranks": ranks}

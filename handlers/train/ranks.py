@@ -28,9 +28,9 @@ def rank_record(world: World, device: str, step: int) -> dict[str, Any]:
     return {"rank": world.rank, "local_rank": world.local_rank, "node_rank": world.node_rank,
             "host": socket.gethostname(), "pid": os.getpid(), "device": device, "step": step,
             "gpu_utilization_percent": snap["gpu_utilization_percent"],
-            "gpu_memory_used_mb": snap["gpu_memory_used_mb"],
+            "gpu_memory_used_mib": snap["gpu_memory_used_mib"],
             "process_cpu_percent": psutil.Process().cpu_percent(interval=None),
-            "process_rss_mb": snap["process_rss_mb"], "time": time.time()}
+            "process_rss_mib": snap["process_rss_mib"], "time": time.time()}
 
 
 def read_ranks(stage_dir: Path, world_size: int, since: float) -> list[dict[str, Any]]:
