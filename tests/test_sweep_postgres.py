@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -97,3 +98,25 @@ def test_two_daemons_share_one_study_and_run_every_trial_once(postgres_url, tmp_
     counted = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
     assert len(counted) == TRIALS and all(t.state.name == "COMPLETE" for t in counted)
     assert bests[0] == bests[1] == (study.best_trial.number, study.best_trial.value)
+
+
+def test_many_daemons_opening_a_fresh_database_at_once_all_get_the_study(postgres_url, tmp_path) -> None:
+    """Optuna creates its tables check-then-create; several openers on an empty database at the same moment
+    once failed with ``duplicate key ... studydirection`` (CI). All of them must get the one study."""
+    port = postgres_url.rsplit(":", 1)[1].split("/")[0]
+    subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", port, "-U", "postgres", "race"],
+                   check=True, capture_output=True)
+    url = postgres_url.rsplit("/", 1)[0] + "/race"
+    go = tmp_path / "go"
+    opener = ("import pathlib, sys, time\n"
+              "from trainbox.study import open_study\n"
+              "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.005)\n"
+              "print(open_study(sys.argv[2], 'race', 'minimize')._study_id)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", opener, str(go), url], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+    time.sleep(3)  # every opener has imported optuna and is polling
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    failed = [err[-1500:] for p, (_, err) in zip(procs, outs) if p.returncode != 0]
+    assert not failed, failed
+    assert len({out.strip() for out, _ in outs}) == 1, "every opener sees the same study"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SQLITE_TIMEOUT_S = 60  # the daemon and every trial's train stage write the same SQLite file
+SCHEMA_LOCK_KEY = zlib.crc32(b"trainbox optuna schema")  # one PostgreSQL advisory lock for every trainbox
 FIXED_KEYS = ("name", "kind", "datasets", "sweep", "stages", "seed")
 
 
@@ -26,11 +28,40 @@ def storage_url(sweep: SweepSpec, home: Path) -> str:
     return sweep.storage or f"sqlite:///{Path(home).resolve() / 'state' / 'optuna.db'}"
 
 
+def _driver_url(url: str) -> str:
+    if url.startswith("postgresql://"):  # SQLAlchemy 2.1 would pick psycopg 3; trainbox[postgres] installs psycopg2
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+@contextmanager
+def _schema_lock(url: str):
+    """Hold a PostgreSQL advisory lock while optuna creates its tables and the study: two daemons starting on
+    a fresh database at the same moment would otherwise both run ``CREATE TYPE studydirection`` and one fails
+    on the unique index (optuna's ``create_all`` checks, then creates, without a lock). SQLite serializes
+    writers by itself."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(_driver_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
 def _storage(url: str) -> "optuna.storages.RDBStorage":
     import optuna
 
-    if url.startswith("postgresql://"):  # SQLAlchemy 2.1 would pick psycopg 3; trainbox[postgres] installs psycopg2
-        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    url = _driver_url(url)
     optuna.logging.disable_default_handler()  # its records go to our logging handlers instead
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -54,8 +85,9 @@ def open_study(url: str, name: str, direction: str, pruner: str = "none", trials
     """Load study ``name`` from ``url``, creating it on first use (several daemons may race to create it)."""
     import optuna
 
-    return optuna.create_study(storage=_storage(url), study_name=name, direction=direction,
-                               pruner=make_pruner(pruner, trials), load_if_exists=True)
+    with _schema_lock(url):
+        return optuna.create_study(storage=_storage(url), study_name=name, direction=direction,
+                                   pruner=make_pruner(pruner, trials), load_if_exists=True)
 
 
 def distributions(sweep: SweepSpec) -> dict[str, Any]:
