@@ -1,11 +1,11 @@
-"""One process against N ranks (DDP through torchrun), the same train job measured side by side in one run.
+"""One process against N ranks (DDP, then FSDP, through torchrun), the same train job side by side in one run.
 
     python bench/distributed_bench.py              # CPU: 1 process vs 2 gloo ranks, builtin tiny model
     python bench/distributed_bench.py --gpus 4     # CUDA: 1 GPU vs 4 GPUs over NCCL (needs a machine with them)
 
 Both sides train the same rows in the same order with the same global batch (``batch_size`` rows per step over
 all ranks), so their per-step losses must agree up to floating-point summation order; the table shows the
-largest difference. Throughput is the train stage's own counter (non-pad tokens over its training time,
+largest difference for each. Throughput is the train stage's own counter (non-pad tokens over its training time,
 startup excluded) and, separately, the wall time of the whole stage process including torchrun and the
 ranks' start. Scaling efficiency = (tokens/s with N) / (N x tokens/s with 1).
 """
@@ -39,6 +39,7 @@ def machine(gpus: int) -> str:
 
 
 def run_once(root: Path, train: dict[str, Any], ranks: int, home: Path) -> dict[str, Any]:
+    """One train stage; its throughput, wall time and per-step losses."""
     stage = make_train_stage(root, split_by_hash(demo_examples()), train, home=home)
     if ranks > 1:
         command = stage_command("train", stage, TrainSpec.model_validate(train), ranks, "bench", 60)
@@ -54,7 +55,7 @@ def run_once(root: Path, train: dict[str, Any], ranks: int, home: Path) -> dict[
     if code != 0:
         raise SystemExit(f"{ranks} rank(s) exited {code}; see {root / 'stage.log'}")
     summary = json.loads((stage / "result.json").read_text())["summary"]
-    return {"ranks": ranks, "wall_s": wall, "train_s": summary["train_seconds"],
+    return {"ranks": ranks, "strategy": train["distributed"].get("strategy", "ddp"), "wall_s": wall, "train_s": summary["train_seconds"],
             "tokens_per_s": summary["tokens_per_s"], "losses": [r["loss"] for r in metric_rows(stage)]}
 
 
@@ -71,21 +72,23 @@ def main() -> None:
     one = {**train, "distributed": {"devices": 1}}
     with tempfile.TemporaryDirectory(prefix="trainbox-dist-bench-") as tmp:
         home = Path(tmp) / "home"
-        results = [run_once(Path(tmp) / "one", one, 1, home), run_once(Path(tmp) / "many", train, n, home)]
-    base, many = results
-    diff = max(abs(a - b) for a, b in zip(base["losses"], many["losses"]))
+        sharded = {**train, "distributed": {"devices": n, "strategy": "fsdp"}}
+        results = [run_once(Path(tmp) / "one", one, 1, home), run_once(Path(tmp) / "ddp", train, n, home),
+                   run_once(Path(tmp) / "fsdp", sharded, n, home)]
+    base = results[0]
     backend = "NCCL" if args.gpus else "gloo"
     print(f"machine: {machine(args.gpus)}")
     print(f"job: builtin:tiny, {args.steps} steps, {train['batch_size']} rows per step, "
           f"{'GPU' if args.gpus else 'CPU'}\n")
-    print("| setup | train s | tokens/s | tokens/s vs 1 | scaling efficiency | stage wall s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| setup | train s | tokens/s | tokens/s vs 1 | scaling efficiency | stage wall s | max loss diff vs 1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
-        label = "1 process" if r["ranks"] == 1 else f"{r['ranks']} ranks ({backend})"
+        label = "1 process" if r["ranks"] == 1 else f"{r['ranks']} ranks {r['strategy'].upper()} ({backend})"
+        diff = max(abs(a - b) for a, b in zip(base["losses"], r["losses"]))
         print(f"| {label} | {r['train_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | "
-              f"{ratio / r['ranks']:.0%} | {r['wall_s']:.1f} |")
-    print(f"\nlargest per-step loss difference over {len(base['losses'])} steps: {diff:.2e}")
+              f"{ratio / r['ranks']:.0%} | {r['wall_s']:.1f} | {diff:.1e} |")
+    print(f"\nper-step losses compared over {len(base['losses'])} steps")
 
 
 if __name__ == "__main__":

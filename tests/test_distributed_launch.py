@@ -26,10 +26,13 @@ def problems(spec: JobSpec, gpus: int) -> dict[str, str]:
     return {p.key: f"{p.message} | {p.fix}" for p in check_job(spec, gpus)}
 
 
-def test_fsdp_is_rejected_at_drop_time_with_the_fix():
-    found = problems(job(distributed={"devices": 2, "strategy": "fsdp"}), gpus=2)
-    assert "not available" in found["train.distributed.strategy"]
-    assert "strategy: ddp" in found["train.distributed.strategy"]
+def test_fsdp_runs_lora_on_several_ranks_and_rejects_qlora_and_one_process_with_the_fix():
+    assert problems(job(distributed={"devices": 2, "strategy": "fsdp"}), gpus=2) == {}
+    assert problems(job(device="cpu", distributed={"devices": 2, "strategy": "fsdp"}), gpus=0) == {}
+    qlora = problems(job(method="qlora", distributed={"devices": 2, "strategy": "fsdp"}), gpus=2)
+    assert "4-bit" in qlora["train.distributed.strategy"] and "method: lora" in qlora["train.distributed.strategy"]
+    alone = problems(job(distributed={"strategy": "fsdp"}), gpus=1)["train.distributed.strategy"]
+    assert "in one" in alone and "devices to 2 or more" in alone
 
 
 def test_cpu_ranks_are_allowed_and_gpu_ranks_need_the_gpus():

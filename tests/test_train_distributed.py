@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from conftest import drop, jobs_json, wait_for
@@ -109,6 +110,35 @@ def test_sigkill_of_a_rank_fails_the_stage_cleanly_and_it_resumes_with_another_r
     assert result["summary"]["resumed_from_step"] == checkpoint.step
     assert_matches(stage, reference)
 
+
+
+def test_fsdp_shards_over_two_ranks_matches_the_curve_and_resumes_after_a_sigterm(reference, splits, tmp_path):
+    """FSDP2 on two gloo ranks: the same curve as one process; SIGTERM gives one emergency checkpoint in the
+    one-process format (same tensors as the reference's, gathered from the shards), and two ranks resume it."""
+    fsdp_train = {**TRAIN, "distributed": {"devices": 2, "strategy": "fsdp"}}
+    stage = make_train_stage(tmp_path, splits, fsdp_train, home=reference.parents[1] / "home", seed=SEED)
+    launcher = start_ranks(stage, fsdp_train)
+    seen = wait_for_step(launcher, stage, 6)
+    launcher.send_signal(signal.SIGTERM)  # as the daemon stops a stage: torchrun forwards it to both ranks
+    assert launcher.wait(timeout=120) == 75, (tmp_path / "job" / "child.log").read_text()
+    log = (tmp_path / "job" / "child.log").read_text(encoding="utf-8")
+    assert "FSDP: 2 decoder blocks and the root sharded over 2 ranks" in log
+    stopped_at = metric_rows(stage)[-1]["step"]
+    assert seen <= stopped_at < TOTAL
+    newest = newest_complete_checkpoint(stage / "checkpoints")
+    assert newest is not None and newest.step == stopped_at
+    assert newest.kind == ("rolling" if stopped_at % 4 == 0 else "emergency")
+    saved = torch.load(newest.path / "optimizer.pt", weights_only=True)  # the plain optimizer.state_dict() form
+    weights = adapter_tensors(newest.path)
+    assert len(saved["state"]) == len(weights) > 0
+    assert {tuple(s["exp_avg"].shape) for s in saved["state"].values()} == {tuple(t.shape) for t in weights.values()}
+
+    launcher = start_ranks(stage, fsdp_train)
+    assert launcher.wait(timeout=240) == 0, (tmp_path / "job" / "child.log").read_text()
+    result = json.loads((stage / "result.json").read_text())
+    assert result["summary"]["resumed_from_step"] == stopped_at
+    assert result["summary"]["strategy"] == "fsdp" and result["summary"]["ranks"] == 2
+    assert_matches(stage, reference)
 
 
 def cli(home: Path, *args: str) -> str:

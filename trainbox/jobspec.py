@@ -152,8 +152,8 @@ class DistributedSpec(Strict):
     rdzv_id: str | None = Field(None, description="Rendezvous id shared by the machines of one run (default: the "
                                                   "job name).")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="`ddp` replicates the model on every device; `fsdp` is not available yet (rejected at "
-                           "drop time).")
+        "ddp", description="`ddp` replicates the model on every device; `fsdp` shards the weights, gradients and "
+                           "optimizer state over them (FSDP2; LoRA only, not QLoRA).")
 
     @field_validator("devices")
     @classmethod

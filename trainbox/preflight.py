@@ -129,13 +129,17 @@ def train_problems(spec: TrainSpec, cuda_available: bool) -> list[Problem]:
 def distributed_problems(spec: TrainSpec, gpu_count: int) -> list[Problem]:
     """``train.distributed`` settings this machine cannot run (empty when training runs in one process)."""
     dist, problems = spec.distributed, []
-    if dist.strategy == "fsdp":
+    if dist.strategy == "fsdp" and spec.method == "qlora":
         problems.append(Problem(
-            "fsdp is not available in this trainbox version: sharding the model with LoRA adapters is not "
-            "implemented and tested yet", key="train.distributed.strategy",
-            fix="use strategy: ddp (every GPU holds the whole model; with method: qlora a 4-bit copy), "
-                "see docs/distributed.md"))
+            "fsdp cannot shard QLoRA's 4-bit weights in this trainbox version (bitsandbytes' packed 4-bit "
+            "parameters are not split by torch's fully_shard here)", key="train.distributed.strategy",
+            fix="use method: lora with strategy: fsdp (the bf16 weights are sharded), or strategy: ddp with "
+                "method: qlora (every GPU holds a 4-bit copy); see docs/distributed.md"))
     if not dist.enabled:
+        if dist.strategy == "fsdp":
+            problems.append(Problem("strategy: fsdp shards the model over several processes, but this job trains "
+                                    "in one", key="train.distributed.strategy",
+                                    fix="set train.distributed.devices to 2 or more (or all), or remove strategy"))
         return problems
     if spec.device == "cpu":
         if dist.devices == "all":

@@ -19,7 +19,7 @@ import torch
 
 from handlers.context import StageContext
 from handlers.diskspace import best_effort, out_of_space, skipped, until_written
-from handlers.train import distributed
+from handlers.train import distributed, fsdp
 from handlers.train.checkpoints import Checkpoint, rotate_checkpoints, write_checkpoint_atomically
 from handlers.train.data import StepBatches, real_tokens, to_batches
 from handlers.train.distributed import World
@@ -62,7 +62,8 @@ class TrainRun:
     every_steps: int | None
     objective: Objective = Objective((1.0, 0.0, 0.0), 0.0, 2.0, 0.5)
     world: World = World()
-    ddp: Any = None  # DistributedDataParallel around the model when several ranks train (distributed.wrap)
+    ddp: Any = None  # DDP (distributed.wrap) or the FSDP root (fsdp.shard) around the model on several ranks
+    sharded: bool = False  # FSDP: checkpoints gather the shards on every rank first
     seed: int = 0
     report_rank: Callable[[int], None] = lambda step: None  # distributed: this rank's status file
     write_progress_log: Callable[[dict[str, Any]], None] = lambda fields: None
@@ -126,7 +127,7 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
     record = step_record(sums, counts, run.objective)
     run.monitor.after_backward()
     params = [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm))
+    grad_norm = fsdp.whole_norm(torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -136,38 +137,45 @@ def train_step(run: TrainRun, step: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: str,
-                  world: World = World()) -> float | None:
+                  world: World = World(), root: Any = None) -> float | None:
     """Token-mean loss over the target tokens of the validation batches (dropout off; no RNG is consumed);
-    None when they have none (pairs whose chosen answers are not learned). Ranks share the batches."""
+    None when they have none (pairs whose chosen answers are not learned). Ranks share the batches; a
+    sharded model is called through its FSDP ``root``, which gathers the weights."""
     model.eval()
     total, count = 0.0, 0
-    for batch in batches[world.rank::world.size]:
-        loss_sum, n = token_loss_sum(model, _to(batch, device))
-        total, count = total + float(loss_sum), count + n
+    mine = batches[world.rank::world.size]
+    # a sharded forward is a collective: every rank runs as many, the ones past its share are discarded
+    rounds = math.ceil(len(batches) / world.size) if root is not None and batches else len(mine)
+    for i in range(rounds):
+        b = _to(mine[i] if i < len(mine) else batches[0], device)
+        loss_sum, n = root(token_loss_sum, b) if root is not None else token_loss_sum(model, b)
+        if i < len(mine):
+            total, count = total + float(loss_sum), count + n
     model.train()
     total, count = distributed.sum_over_ranks(world, [total, count], device)
     return total / count if count else None
 
 
-def _write_checkpoint(run: TrainRun, kind: str) -> Checkpoint:
+def _write_checkpoint(run: TrainRun, kind: str, gathered: fsdp.Gathered | None) -> Checkpoint:
     return write_checkpoint_atomically(
         run.checkpoint_root, run.state.step, kind,
-        lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state),
+        lambda folder: save_training_state(folder, run.model, run.optimizer, run.scheduler, run.state, gathered),
         extra={"epoch": run.state.epoch, "index_in_epoch": run.state.index_in_epoch,
                "fingerprint": run.state.fingerprint})
 
 
-def save_checkpoint(run: TrainRun, kind: str,
-                    should_stop: Callable[[], bool] = lambda: False) -> Checkpoint | None:
-    """Write a checkpoint. A full disk never fails the run: a rolling, epoch or emergency checkpoint is
-    skipped (resume then starts from the one before), the final one waits for free space."""
+def save_checkpoint(run: TrainRun, kind: str, should_stop: Callable[[], bool] = lambda: False,
+                    gathered: fsdp.Gathered | None = None) -> Checkpoint | None:
+    """Write a checkpoint (rank 0; under FSDP from what ``gather_for_checkpoint`` collected). A full disk never
+    fails the run: a rolling, epoch or emergency checkpoint is skipped (resume then starts from the one before),
+    the final one waits for free space."""
     started = time.monotonic()
     try:
         if kind == "final":
             checkpoint = until_written(f"the final checkpoint (step {run.state.step})",
-                                       lambda: _write_checkpoint(run, kind), should_stop)
+                                       lambda: _write_checkpoint(run, kind, gathered), should_stop)
         else:
-            checkpoint = _write_checkpoint(run, kind)
+            checkpoint = _write_checkpoint(run, kind, gathered)
     except OSError as exc:
         message = (f"checkpoint at step {run.state.step} could not be written ({exc}); free disk space under "
                    f"{run.checkpoint_root} or lower train.checkpoint.keep")
@@ -201,6 +209,11 @@ def _checkpoint_kind(run: TrainRun, epoch_end: bool) -> str | None:
     return None
 
 
+def gather_for_checkpoint(run: TrainRun) -> fsdp.Gathered | None:
+    """Under FSDP every rank takes part in collecting the whole state for rank 0; otherwise nothing to do."""
+    return fsdp.gather(run.model, run.optimizer, run.world) if run.sharded else None
+
+
 def progress_fields(run: TrainRun, row: dict[str, Any], step_seconds: float) -> dict[str, Any]:
     remaining = run.total_steps - run.state.step
     return {"epoch": row["epoch"], "step": run.state.step, "total_steps": run.total_steps, "loss": row["loss"],
@@ -217,7 +230,8 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
     step_seconds = None
     while run.state.step < run.total_steps:
         if distributed.agree(run.world, ctx.should_stop(), run.device):  # every rank stops at the same boundary
-            saved = save_checkpoint(run, "emergency") if run.world.is_main else None
+            gathered = gather_for_checkpoint(run)
+            saved = save_checkpoint(run, "emergency", gathered=gathered) if run.world.is_main else None
             distributed.wait_for_all(run.world, "waiting for the emergency checkpoint")
             raise StopRequested(f"stopped at step {run.state.step}/{run.total_steps}; " + (
                 "resume continues from here" if saved else "resume starts from the newest checkpoint written before"))
@@ -241,9 +255,15 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
                "elapsed_s": round(state.train_seconds, 3), "time": time.time()}
         due_eval = (run.eval_every and state.step % run.eval_every == 0) or epoch_end or state.step == run.total_steps
         if run.val_batches and due_eval:
-            row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device, run.world)
+            row["eval_loss"] = evaluate_loss(run.model, run.val_batches, run.device, run.world,
+                                             run.ddp if run.sharded else None)
             row["perplexity"] = math.exp(min(row["eval_loss"], 50.0)) if row["eval_loss"] is not None else None
         run.report_rank(state.step)
+        kind = _checkpoint_kind(run, epoch_end) if run.world.is_main else None
+        gathered = None
+        if run.sharded:  # rank 0's timers decide; every rank gathers
+            kind = distributed.share_from_main(run.world, kind)
+            gathered = gather_for_checkpoint(run) if kind else None
         if not run.world.is_main:
             run.metrics.history.append(row)  # kept for the step count; rank 0 writes every file
             continue
@@ -252,10 +272,9 @@ def train_loop(ctx: StageContext, run: TrainRun) -> None:
         fields = progress_fields(run, row, step_seconds)
         ctx.report_progress(**fields, **{k: v for k, v in run.system.items() if k != "gpus"})
         run.monitor.after_step(state.step)
-        kind = _checkpoint_kind(run, epoch_end)
         if kind:
             run.flags.checkpoint_due.clear()
-            save_checkpoint(run, kind, ctx.should_stop)
+            save_checkpoint(run, kind, ctx.should_stop, gathered)
         if run.flags.progress_due.is_set():
             run.flags.progress_due.clear()
             run.write_progress_log(fields)

@@ -20,7 +20,7 @@ import torch
 from handlers import diskspace
 from handlers.context import StageContext
 from handlers.modelio import load_tokenizer, resolve_base_model
-from handlers.train import data, distributed, metrics, progress, ranks, rendering
+from handlers.train import data, distributed, fsdp, metrics, progress, ranks, rendering
 from handlers.train.checkpoints import newest_complete_checkpoint
 from handlers.train.distributed import World
 from handlers.train.loop import Flags, TrainRun, train_loop
@@ -82,13 +82,18 @@ def fingerprint(ctx: StageContext, files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_outputs(stage_dir: Path, model: Any, tokenizer: Any) -> tuple[Path, Path]:
-    """Final adapter and tokenizer folders, each written aside and renamed into place."""
+def save_outputs(stage_dir: Path, model: Any, tokenizer: Any,
+                 adapter_state: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Final adapter and tokenizer folders, each written aside and renamed into place. ``adapter_state``: the
+    whole trainable weights when the model is sharded (FSDP)."""
     out = []
     for name, obj in (("adapter", model), ("tokenizer", tokenizer)):
         target, tmp = stage_dir / name, stage_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        obj.save_pretrained(tmp)
+        if name == "adapter" and adapter_state is not None:
+            obj.save_pretrained(tmp, state_dict=adapter_state)
+        else:
+            obj.save_pretrained(tmp)
         fsync_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
@@ -173,6 +178,9 @@ def _train(ctx: StageContext, world: World) -> StageResult:
     base = distributed.local_first(world, "loading the base model",
                                    lambda: resolve_base_model(ctx.job.base_model, ctx.home))
     plan = make_plan(spec, ctx.device, base)
+    if world.enabled and spec.distributed.strategy == "fsdp" and plan.method == "qlora":
+        raise StageFailed(f"train.method auto chose QLoRA here ({plan.reason}), and fsdp cannot shard 4-bit weights; "
+                          "set train.method: lora (fsdp shards the bf16 weights) or strategy: ddp")
     # ranks on one machine share its cores
     configure_torch(plan.device, max(1, plan.cpu_threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     seed_everything(ctx.job.seed)  # before the LoRA init, which draws from the torch RNG
@@ -194,6 +202,9 @@ def _train(ctx: StageContext, world: World) -> StageResult:
                               num_training_steps=steps)
     state, resumed_from = resume_or_start(stage_dir / CHECKPOINTS, model, optimizer, scheduler,
                                           TrainState(fingerprint=fingerprint(ctx, files)), world)
+    sharded = world.enabled and spec.distributed.strategy == "fsdp"
+    # after the resume: FSDP shards what the checkpoint put back and moves the optimizer onto the shards
+    wrapper = fsdp.shard(model, optimizer, world) if sharded else distributed.wrap(model, world, plan.device)
     run = TrainRun(
         model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
         val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], batches), state=state,
@@ -202,7 +213,7 @@ def _train(ctx: StageContext, world: World) -> StageResult:
         flags=Flags(), device=plan.device, total_steps=steps, max_grad_norm=spec.max_grad_norm,
         eval_every=spec.eval_every_steps, checkpoint_root=stage_dir / CHECKPOINTS, keep=spec.checkpoint.keep,
         every_steps=spec.checkpoint.every_steps, objective=Objective.of(spec), world=world, seed=ctx.job.seed,
-        ddp=distributed.wrap(model, world, plan.device),
+        ddp=wrapper, sharded=sharded,
         # ranks must stop at the same step: a distributed trial is not pruned (it runs to the end)
         should_prune=None if world.enabled else pruning_check(ctx))
     state.history = run.metrics.history  # the checkpoint carries the rows written so far
@@ -210,6 +221,8 @@ def _train(ctx: StageContext, world: World) -> StageResult:
         run.report_rank = ranks.reporter(stage_dir, world, plan.device, run.system)
     if not world.is_main:  # rank 0 writes progress, metrics, checkpoints and outputs
         train_loop(ctx, run)
+        if sharded:
+            fsdp.gather(model, None, world)  # rank 0 writes the adapter these shards make up
         return StageResult(summary={"rank": world.rank, "world_size": world.size, "steps": run.state.step},
                            message=f"rank {world.rank} of {world.size} trained {run.state.step} steps; node 0's "
                                    "rank 0 wrote the adapter")
@@ -221,10 +234,11 @@ def _train(ctx: StageContext, world: World) -> StageResult:
     finally:
         observers.stop()
         run.metrics.close()
+    whole = fsdp.gather(model, None, world) if sharded else None
     result = diskspace.until_written(
         "the adapter, metrics and report",
         lambda: finish(ctx, run, plan, base, tokenizer, started, resumed_from, len(train_rows), len(val_rows),
-                       warnings),
+                       warnings, whole.adapter if whole else None),
         ctx.should_stop)
     if diskspace.summary():
         ctx.emit_event("resource_warning", diskspace.summary(), resource="disk")
@@ -243,9 +257,10 @@ def pruned_result(run: TrainRun, pruned: Pruned) -> StageResult:
 
 
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
-           resumed_from: int | None, n_train: int, n_val: int, warnings: list[str]) -> StageResult:
+           resumed_from: int | None, n_train: int, n_val: int, warnings: list[str],
+           adapter_state: dict[str, Any] | None = None) -> StageResult:
     stage_dir, state, history = ctx.stage_dir, run.state, run.metrics.history
-    save_outputs(stage_dir, run.model, tokenizer)
+    save_outputs(stage_dir, run.model, tokenizer, adapter_state)
     run.metrics.ensure_complete()
     run.metrics.write_csv()
     metrics.plot_curves(history, stage_dir / metrics.PLOT)
@@ -270,6 +285,7 @@ def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: An
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 2),
         "resumed_from_step": resumed_from, "method": plan.method, "device": plan.device, "dtype": plan.dtype,
+        "ranks": run.world.size, "strategy": ("fsdp" if run.sharded else "ddp") if run.world.enabled else None,
         "gradient_checkpointing": plan.gradient_checkpointing, "train_rows": n_train, "val_rows": n_val,
         "checkpoint_seconds": round(run.checkpoint_seconds, 3), "checkpoints_written": len(run.checkpoints_written),
         "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
