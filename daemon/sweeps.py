@@ -20,8 +20,8 @@ from daemon.layout import Layout
 from daemon.store import Store
 from trainbox.jobspec import JobSpec
 from trainbox.protocol import TrialRef
-from trainbox.study import (apply_params, distributions, make_sampler, objective_value, open_study, shared_stages,
-                            storage_url)
+from trainbox.study import (apply_params, ask, beat, distributions, fail_lost_trials, make_sampler,
+                            objective_value, open_study, shared_stages, span, storage_url)
 
 if TYPE_CHECKING:
     import optuna
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SWEEP_STAGE = "sweep"
 ADVANCE_INTERVAL_S = 1.0  # each advance reads the study: a few queries, not on every 0.2 s tick
+HEARTBEAT_S = 30.0  # at most this long between heartbeats of a running trial (more often for a short lost_after)
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
@@ -46,13 +47,14 @@ class SweepController:
         self.store = store
         self._studies: dict[str, Any] = {}
         self._advanced: dict[str, float] = {}
+        self._beaten: dict[str, float] = {}
 
     # the study ---------------------------------------------------------------
     def study(self, sweep: JobRecord) -> "optuna.Study":
         if sweep.id not in self._studies:
             sw = sweep.spec.sweep
             self._studies[sweep.id] = open_study(storage_url(sw, self.layout.home), sw.study_name(sweep.id),
-                                                 sw.direction, sw.pruner, sw.trial_count)
+                                                 sw.direction, sw.pruner, sw.trial_count, _lost_after_s(sweep))
         return self._studies[sweep.id]
 
     # the supervisor's calls ------------------------------------------------------
@@ -74,6 +76,7 @@ class SweepController:
             self._record(study, sweep, child)
         self._continue_paused(self.store.trials_of(sweep.id))
         self._adopt(study, sweep, self.store.trials_of(sweep.id))
+        self._keep_alive(study, sweep)
         active = [c for c in self.store.trials_of(sweep.id) if c.state in ACTIVE_STATES]
         timed_out = bool(sw.timeout_minutes) and time.time() - sweep.sweep_started_at > sw.timeout_minutes * 60
         if sw.method == "lr_zoom" and not active and not timed_out:
@@ -90,6 +93,22 @@ class SweepController:
         if active or (unfinished and not timed_out):
             return False  # another daemon's trials (a shared study) still run: the report waits for them
         return True
+
+    def _keep_alive(self, study: "optuna.Study", sweep: JobRecord) -> None:
+        """Heartbeats for this daemon's running trials, then fail the trials of daemons that stopped sending
+        them (a machine sharing the study died), so the sweep does not wait for them forever."""
+        lost_after = _lost_after_s(sweep)
+        now = time.monotonic()
+        if now - self._beaten.get(sweep.id, 0.0) < min(HEARTBEAT_S, lost_after / 4):
+            return
+        self._beaten[sweep.id] = now
+        beat(study, [c.trial.ref.trial_id for c in self.store.trials_of(sweep.id)
+                     if c.state in ACTIVE_STATES and c.trial.state == "running"])
+        for number in fail_lost_trials(study, lost_after):
+            message = (f"{sweep.name}: trial {number} failed as lost: the daemon running it sent no heartbeat for "
+                       f"{span(lost_after)} (sweep.lost_after_minutes)")
+            self.store.add_event("trial_failed", message, job_id=sweep.id, sweep=sweep.id)
+            log.warning("sweep %s: %s", sweep.id, message)
 
     def _show_progress(self, sweep: JobRecord, finished: int, total: int) -> None:
         """Trials ended / planned as the sweep job's progress (what jobs and top show for it)."""
@@ -117,7 +136,7 @@ class SweepController:
         spec, sw = sweep.spec, sweep.spec.sweep
         shared = "" if sw.storage is None or sw.storage.startswith("sqlite") else str(self.layout.home)
         study.sampler = make_sampler(sw, spec.seed, len(study.get_trials(deepcopy=False)), shared)
-        trial = study.ask(distributions(sw))
+        trial = ask(study, distributions(sw))
         trial.set_user_attr("sweep_job", sweep.id)
         if sw.method == "optuna" and trial.number >= sw.trial_count:
             # another daemon sharing the study asked the last one at the same moment
@@ -126,6 +145,7 @@ class SweepController:
             log.info("sweep %s: trial %d is beyond trials=%d (asked concurrently elsewhere); not run",
                      sweep.id, trial.number, sw.trial_count)
             return None
+        beat(study, [trial._trial_id])  # from now on a dead daemon's trial can be told apart
         return self._create_trial_job(sweep, trial.number, trial._trial_id, dict(trial.params),
                                       trial.user_attrs.get("zoom_stage"))
 
@@ -194,6 +214,10 @@ class SweepController:
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         if frozen.state.name == "RUNNING" and note:
             optuna.trial.Trial(study, trial.ref.trial_id).set_user_attr("note", note)
+        if frozen.state.name != "RUNNING":  # failed as lost by a daemon sharing the study while this one was away
+            away = frozen.user_attrs.get("note") or f"ended as {frozen.state.name.lower()}"
+            note = f"the study had already ended this trial ({away}); this result is kept in this job only"
+            log.warning("sweep %s: trial %d: %s", sweep.id, trial.number, note)
         study.tell(trial.number, value if state == "COMPLETE" else None, state=_state(state), skip_if_finished=True)
         told = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}[state]
 
@@ -230,6 +254,10 @@ class SweepController:
         self.store.insert_job(job)
         log.info("sweep %s: job %s continues with trial %d's model (%s)", sweep.id, job.id, number, best.trial.params)
         return job
+
+
+def _lost_after_s(sweep: JobRecord) -> int:
+    return max(1, round(sweep.spec.sweep.lost_after_minutes * 60))
 
 
 def shared_stage_dir(layout: Layout, job: JobRecord, stage: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import FAST_SETTINGS, REPO, jobs_json
+from conftest import FAST_SETTINGS, REPO, jobs_json, wait_for
 from daemon.layout import Layout
 from trainbox.study import open_study
 
@@ -63,7 +63,7 @@ def postgres_url(tmp_path_factory) -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def home_for(root: Path, storage: str) -> Path:
+def home_for(root: Path, storage: str, study: str = "shared-sweep", **sweep: object) -> Path:
     home = root / "home"
     Layout(home).create()
     (home / "daemon.yaml").write_text(yaml.safe_dump(FAST_SETTINGS), encoding="utf-8")
@@ -71,7 +71,7 @@ def home_for(root: Path, storage: str) -> Path:
            "seed": 11, "prepare": {"max_rows": 64, "split": {"train": 0.7, "val": 0.2, "test": 0.1}},
            "train": {"max_steps": 2, "batch_size": 8, "max_seq_length": 64},
            "sweep": {"trials": TRIALS, "metric": "final_eval_loss", "sampler": "random", "pruner": "none",
-                     "storage": storage, "study": "shared-sweep",
+                     "storage": storage, "study": study, **sweep,
                      "params": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}}}}
     (home / "inbox" / "sweep.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
     (home / "inbox" / "demo_safety.jsonl").write_bytes(DATA.read_bytes())
@@ -120,3 +120,43 @@ def test_many_daemons_opening_a_fresh_database_at_once_all_get_the_study(postgre
     failed = [err[-1500:] for p, (_, err) in zip(procs, outs) if p.returncode != 0]
     assert not failed, failed
     assert len({out.strip() for out, _ in outs}) == 1, "every opener sees the same study"
+
+
+def test_a_dead_daemons_trial_is_failed_as_lost_and_the_other_daemon_finishes_the_sweep(postgres_url, tmp_path):
+    """Daemon B dies (SIGKILL) in the middle of its trial and does not come back for a while: daemon A runs the
+    other trials, fails B's trial as lost once its heartbeat is older than lost_after_minutes, and reports.
+    When B comes back it finishes its own trial, which the study keeps as failed."""
+    sweep = {"lost_after_minutes": 0.1}  # 6 s without a heartbeat
+    a, b = (home_for(tmp_path / name, postgres_url, study="lost-trial", **sweep) for name in ("a", "b"))
+    daemon_b = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--home", str(b)],
+                                stdout=subprocess.DEVNULL, stderr=open(b / "daemon.err", "w"), cwd=REPO)
+
+    def b_training() -> bool:
+        return any(j["parent"] and j["state"] == "running" and j["stage"] == "train" for j in jobs_json(b))
+    wait_for(b_training, 180, "daemon B running a trial's train stage")
+    daemon_b.kill()
+    assert daemon_b.wait(timeout=30) == -9
+
+    daemon_a = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--once", "--home", str(a)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=600)
+    assert daemon_a.returncode == 0, daemon_a.stderr[-3000:]
+    (sweep_a,) = [j for j in jobs_json(a) if j["parent"] is None]
+    assert sweep_a["state"] == "succeeded", sweep_a["error"]
+    study = open_study(postgres_url, "lost-trial", "minimize")
+    counted = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    assert len(counted) == TRIALS
+    lost = [t for t in counted if t.state.name == "FAIL"]
+    assert len(lost) == 1 and "lost: its daemon sent no heartbeat for 6 s" in lost[0].user_attrs["note"]
+    assert [t.number for t in counted if t.state.name == "COMPLETE"] == sorted(
+        j["trial"]["number"] for j in jobs_json(a) if j["parent"] and j["state"] == "succeeded")
+    assert f"trial {lost[0].number} failed as lost" in (a / "logs" / "daemon.log").read_text(encoding="utf-8")
+
+    # B comes back: its trial resumes and ends in B's own records; the study is not changed
+    daemon_b = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--once", "--home", str(b)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=600)
+    assert daemon_b.returncode == 0, daemon_b.stderr[-3000:]
+    (trial_b,) = [j for j in jobs_json(b) if j["parent"]]
+    assert trial_b["state"] == "succeeded" and trial_b["trial"]["number"] == lost[0].number
+    assert "already ended this trial" in trial_b["trial"]["note"]
+    after = open_study(postgres_url, "lost-trial", "minimize").get_trials()
+    assert [(t.number, t.state.name) for t in after] == [(t.number, t.state.name) for t in study.get_trials()]

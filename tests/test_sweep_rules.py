@@ -13,7 +13,7 @@ from daemon.layout import Layout
 from trainbox.jobfile import load_job_file
 from trainbox.jobspec import JobSpec
 from trainbox.preflight import check_job
-from trainbox.study import apply_params, objective_value, open_study
+from trainbox.study import apply_params, ask, beat, fail_lost_trials, objective_value, open_study
 
 from conftest import REPO
 
@@ -129,3 +129,19 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_only_a_trial_whose_heartbeat_stopped_is_failed_as_lost(tmp_path: Path) -> None:
+    import time
+
+    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "hb", "minimize", lost_after_s=2)
+    stopped, alive, never = ask(study, {}), ask(study, {}), ask(study, {})
+    beat(study, [stopped._trial_id, alive._trial_id])
+    for _ in range(6):  # 3 s: the stopped trial's heartbeat is older than 2 s, the live one keeps beating
+        time.sleep(0.5)
+        beat(study, [alive._trial_id])
+    assert fail_lost_trials(study, 2) == [stopped.number]
+    states = {t.number: (t.state.name, t.user_attrs.get("note", "")) for t in study.get_trials()}
+    assert states[stopped.number][0] == "FAIL" and "no heartbeat for 2 s" in states[stopped.number][1]
+    assert states[alive.number][0] == states[never.number][0] == "RUNNING"  # never beaten: not judged
+    assert fail_lost_trials(study, 2) == []

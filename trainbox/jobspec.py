@@ -330,6 +330,10 @@ class SweepSpec(Strict):
                                "pruned trials count. lr_zoom runs the trials `zoom` gives.")
     parallel: int = Field(1, ge=1, description="Trials run at once (each still needs a free slot of the daemon).")
     timeout_minutes: float | None = Field(None, gt=0, description="Start no new trial after this many minutes.")
+    lost_after_minutes: float = Field(
+        10.0, gt=0, description="A running trial whose daemon sent no heartbeat for this long (a machine sharing "
+                                "the study died) is failed as lost, so the sweep can end. Its daemon keeps its own "
+                                "result if it comes back.")
     metric: str = Field("eval_loss", description="Stage summary value to optimise (e.g. eval_loss, macro_f1); "
                         "read from the evaluate stage, else the train stage (final_eval_loss).")
     objective: dict[str, float] | None = Field(

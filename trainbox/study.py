@@ -58,7 +58,9 @@ def _schema_lock(url: str):
         engine.dispose()
 
 
-def _storage(url: str) -> "optuna.storages.RDBStorage":
+def _storage(url: str, lost_after_s: int | None = None) -> "optuna.storages.RDBStorage":
+    import warnings
+
     import optuna
 
     url = _driver_url(url)
@@ -66,7 +68,12 @@ def _storage(url: str) -> "optuna.storages.RDBStorage":
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if lost_after_s is None:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    with warnings.catch_warnings():  # heartbeats are marked experimental; their semantics have not changed since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=max(1, lost_after_s // 4),
+                                          grace_period=max(1, lost_after_s))
 
 
 def make_pruner(kind: str, trials: int) -> "optuna.pruners.BasePruner":
@@ -81,13 +88,56 @@ def make_pruner(kind: str, trials: int) -> "optuna.pruners.BasePruner":
     return optuna.pruners.NopPruner()
 
 
-def open_study(url: str, name: str, direction: str, pruner: str = "none", trials: int = 1) -> "optuna.Study":
-    """Load study ``name`` from ``url``, creating it on first use (several daemons may race to create it)."""
+def open_study(url: str, name: str, direction: str, pruner: str = "none", trials: int = 1,
+               lost_after_s: int | None = None) -> "optuna.Study":
+    """Load study ``name`` from ``url``, creating it on first use (several daemons may race to create it).
+    ``lost_after_s``: the daemon's study, which keeps heartbeats and fails trials that stopped sending them."""
     import optuna
 
     with _schema_lock(url):
-        return optuna.create_study(storage=_storage(url), study_name=name, direction=direction,
+        return optuna.create_study(storage=_storage(url, lost_after_s), study_name=name, direction=direction,
                                    pruner=make_pruner(pruner, trials), load_if_exists=True)
+
+
+def beat(study: "optuna.Study", trial_ids: list[int]) -> None:
+    """Record that this daemon is still running these trials (Optuna's trial heartbeats, in the study)."""
+    for trial_id in trial_ids:
+        study._storage.record_heartbeat(trial_id)
+
+
+def span(seconds: float) -> str:
+    """``10 min`` or ``6 s``: a duration as a user set it."""
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+def ask(study: "optuna.Study", distributions: dict[str, Any]) -> "optuna.trial.Trial":
+    """``study.ask`` without Optuna's warning that heartbeats are meant for ``optimize`` (trainbox's daemon
+    records them itself, see ``beat``)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask(distributions)
+
+
+def fail_lost_trials(study: "optuna.Study", lost_after_s: int) -> list[int]:
+    """Fail the running trials whose heartbeat is older than ``lost_after_s`` (their daemon died), each with a
+    note saying so; return their numbers. Optuna's own ``fail_stale_trials`` does the same without the note,
+    which the report and ``show`` print."""
+    import optuna
+
+    storage = study._storage
+    lost = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        trial = optuna.trial.Trial(study, trial_id)
+        try:
+            trial.set_user_attr("note", f"lost: its daemon sent no heartbeat for {span(lost_after_s)} "
+                                        "(sweep.lost_after_minutes)")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its daemon told it, or another one failed it, in the meantime
+        lost.append(trial.number)
+    return lost
 
 
 def distributions(sweep: SweepSpec) -> dict[str, Any]:

@@ -32,9 +32,21 @@ def pruning_check(ctx: StageContext) -> Callable[[int, float], bool] | None:
     study = open_study(ref.storage, ref.study, ref.direction, ref.pruner, ref.trials)
     trial = optuna.trial.Trial(study, ref.trial_id)
 
+    ended = False
+
     def should_prune(step: int, eval_loss: float) -> bool:
+        nonlocal ended
+        if ended:
+            return False
         # a resumed run reports its steps again: Optuna keeps the first value of a step and ignores the repeat
-        trial.report(intermediate_value(ref.direction, eval_loss), step)
+        try:
+            trial.report(intermediate_value(ref.direction, eval_loss), step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # a daemon sharing the study failed this trial as lost while ours was away: finish without pruning
+            log.warning("trial %d: the study has already ended this trial (failed as lost while its daemon was "
+                        "away); training goes on without pruning", ref.number)
+            ended = True
+            return False
         prune = trial.should_prune()
         if prune:
             log.info("trial %d: the %s pruner stops it at step %d (eval loss %.4f)", ref.number, ref.pruner, step,
