@@ -13,7 +13,8 @@ from daemon.layout import Layout
 from trainbox.jobfile import load_job_file
 from trainbox.jobspec import JobSpec
 from trainbox.preflight import check_job
-from trainbox.study import apply_params, ask, beat, fail_lost_trials, objective_value, open_study
+from trainbox.study import (apply_params, ask, beat, distributions, fail_lost_trials, make_sampler, objective_value,
+                            open_study)
 
 from conftest import REPO
 
@@ -145,3 +146,24 @@ def test_only_a_trial_whose_heartbeat_stopped_is_failed_as_lost(tmp_path: Path) 
     assert states[stopped.number][0] == "FAIL" and "no heartbeat for 2 s" in states[stopped.number][1]
     assert states[alive.number][0] == states[never.number][0] == "RUNNING"  # never beaten: not judged
     assert fail_lost_trials(study, 2) == []
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe", "random"])
+def test_a_fresh_sampler_per_ask_covers_the_grid_and_replays_the_same_trials(tmp_path: Path, sampler: str) -> None:
+    """The daemon makes a new sampler for every ask (seeded by the trial count, so a restart asks what an
+    uninterrupted run would): a grid is still covered once, and two studies with one seed ask the same."""
+    spec = spec_with(sampler=sampler, trials=6, params={
+        "train.lora.r": {"type": "categorical", "choices": [4, 8, 16]},
+        "train.warmup_ratio": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.1}})
+    asked = []
+    for name in ("first", "again"):
+        study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", name, "minimize")
+        points = []
+        for n in range(spec.sweep.trial_count):
+            trial = ask(study, distributions(spec.sweep), make_sampler(spec.sweep, spec.seed, len(study.get_trials())))
+            points.append((trial.params["train.lora.r"], trial.params["train.warmup_ratio"]))
+            study.tell(trial, float(n))
+        asked.append(points)
+    assert asked[0] == asked[1]
+    if sampler == "grid":
+        assert sorted(asked[0]) == [(r, w) for r in (4, 8, 16) for w in (0.0, 0.1)]

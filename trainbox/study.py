@@ -110,14 +110,24 @@ def span(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def ask(study: "optuna.Study", distributions: dict[str, Any]) -> "optuna.trial.Trial":
-    """``study.ask`` without Optuna's warning that heartbeats are meant for ``optimize`` (trainbox's daemon
-    records them itself, see ``beat``)."""
+def ask(study: "optuna.Study", distributions: dict[str, Any],
+        sampler: "optuna.samplers.BaseSampler | None" = None) -> "optuna.trial.Trial":
+    """``study.ask`` with ``sampler`` (a fresh one per ask, see ``make_sampler``), which is then put away: a
+    later ``tell`` runs the study's sampler's ``after_trial``, and GridSampler's calls ``study.stop()`` once the
+    grid is covered, which raises outside ``optimize``. Optuna's warning that heartbeats are meant for
+    ``optimize`` is silenced (the daemon records them itself, see ``beat``)."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        return study.ask(distributions)
+    import optuna
+
+    if sampler is not None:
+        study.sampler = sampler
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            return study.ask(distributions)
+    finally:
+        study.sampler = optuna.samplers.RandomSampler()  # after_trial does nothing; nothing samples with it
 
 
 def fail_lost_trials(study: "optuna.Study", lost_after_s: int) -> list[int]:
@@ -177,9 +187,14 @@ def make_sampler(sweep: SweepSpec, seed: int, existing_trials: int,
     same parameters."""
     import optuna
 
-    seed = (seed * 1_000_003 + existing_trials + zlib.crc32(machine.encode())) % 2**31
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler({k: grid_values(p) for k, p in sweep.params.items()}, seed=seed)
+        # GridSampler numbers the grid points in an order shuffled by its seed, and a trial records only the
+        # number: every sampler of a study (each ask, each machine) needs the same seed, or numbers point to
+        # other parameters (repeats, and points never tried). Which unvisited point comes next is drawn from
+        # the study's trials, so it still replays after a restart.
+        return optuna.samplers.GridSampler({k: grid_values(p) for k, p in sweep.params.items()},
+                                           seed=seed % 2**31)
+    seed = (seed * 1_000_003 + existing_trials + zlib.crc32(machine.encode())) % 2**31
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, sweep.trial_count // 3)))
