@@ -55,7 +55,8 @@ def run_once(root: Path, train: dict[str, Any], ranks: int, home: Path) -> dict[
     if code != 0:
         raise SystemExit(f"{ranks} rank(s) exited {code}; see {root / 'stage.log'}")
     summary = json.loads((stage / "result.json").read_text())["summary"]
-    return {"ranks": ranks, "strategy": train["distributed"].get("strategy", "ddp"), "wall_s": wall, "train_s": summary["train_seconds"],
+    return {"ranks": ranks, "strategy": train["distributed"].get("strategy", "ddp"), "wall_s": wall,
+            "train_s": summary["train_seconds"],
             "tokens_per_s": summary["tokens_per_s"], "losses": [r["loss"] for r in metric_rows(stage)]}
 
 

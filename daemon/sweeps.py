@@ -135,7 +135,8 @@ class SweepController:
     def _ask(self, study: "optuna.Study", sweep: JobRecord) -> JobRecord | None:
         spec, sw = sweep.spec, sweep.spec.sweep
         shared = "" if sw.storage is None or sw.storage.startswith("sqlite") else str(self.layout.home)
-        trial = ask(study, distributions(sw), make_sampler(sw, spec.seed, len(study.get_trials(deepcopy=False)), shared))
+        sampler = make_sampler(sw, spec.seed, len(study.get_trials(deepcopy=False)), shared)
+        trial = ask(study, distributions(sw), sampler)
         trial.set_user_attr("sweep_job", sweep.id)
         if sw.method == "optuna" and trial.number >= sw.trial_count:
             # another daemon sharing the study asked the last one at the same moment

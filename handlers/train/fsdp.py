@@ -67,20 +67,23 @@ def _precision(model: Any) -> Any:
     return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
 
-def shard(model: Any, optimizer: torch.optim.Optimizer, world: World) -> ShardedModelCall:
+def shard(model: Any, optimizer: torch.optim.Optimizer, world: World, device: str) -> ShardedModelCall:
     """Shard ``model`` over the ranks and move ``optimizer`` (and any resumed state) onto the shards.
 
     Call it after the checkpoint is loaded; call the returned root as ``root(fn, *args)``."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # named, not FSDP's default: CPU ranks (gloo) on a machine that also has GPUs would get a CUDA mesh
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world.size,))
     names = {id(p): n for n, p in model.named_parameters()}
     before = [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
     root = ShardedModelCall(model)
     precision = _precision(model)
     blocks = _blocks(model)
     for block in blocks:
-        fully_shard(block, mp_policy=precision)
-    fully_shard(root, mp_policy=precision)
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(root, mesh=mesh, mp_policy=precision)
     after = dict(model.named_parameters())
     state: dict[Any, dict[str, Any]] = defaultdict(dict)
     for name, old in before:

@@ -179,8 +179,8 @@ def _train(ctx: StageContext, world: World) -> StageResult:
                                    lambda: resolve_base_model(ctx.job.base_model, ctx.home))
     plan = make_plan(spec, ctx.device, base)
     if world.enabled and spec.distributed.strategy == "fsdp" and plan.method == "qlora":
-        raise StageFailed(f"train.method auto chose QLoRA here ({plan.reason}), and fsdp cannot shard 4-bit weights; "
-                          "set train.method: lora (fsdp shards the bf16 weights) or strategy: ddp")
+        raise StageFailed(f"train.method auto chose QLoRA here ({plan.reason}), and fsdp cannot shard 4-bit "
+                          "weights; set train.method: lora (fsdp shards the bf16 weights) or strategy: ddp")
     # ranks on one machine share its cores
     configure_torch(plan.device, max(1, plan.cpu_threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     seed_everything(ctx.job.seed)  # before the LoRA init, which draws from the torch RNG
@@ -204,7 +204,8 @@ def _train(ctx: StageContext, world: World) -> StageResult:
                                           TrainState(fingerprint=fingerprint(ctx, files)), world)
     sharded = world.enabled and spec.distributed.strategy == "fsdp"
     # after the resume: FSDP shards what the checkpoint put back and moves the optimizer onto the shards
-    wrapper = fsdp.shard(model, optimizer, world) if sharded else distributed.wrap(model, world, plan.device)
+    wrapper = (fsdp.shard(model, optimizer, world, plan.device) if sharded
+               else distributed.wrap(model, world, plan.device))
     run = TrainRun(
         model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
         val_batches=data.eval_batches(val_rows[:EVAL_MAX_ROWS], batches), state=state,
