@@ -10,11 +10,9 @@ from typing import Any
 
 import torch
 
+from handlers.train.fsdp import local
+
 log = logging.getLogger(__name__)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # an FSDP shard: this rank's part
 
 
 def trainable_modules(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
@@ -22,7 +20,7 @@ def trainable_modules(model: torch.nn.Module) -> dict[str, list[tuple[str, torch
     Under FSDP each rank watches its own shards; a parameter with no elements on this rank is left out."""
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, param in model.named_parameters():
-        if param.requires_grad and _local(param).numel():
+        if param.requires_grad and local(param).numel():
             owner = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]
             groups.setdefault(owner, []).append((name, param))
     return groups
@@ -41,7 +39,7 @@ class UpdateMonitor:
     def _copy(self) -> dict[str, torch.Tensor]:
         # (sum, sum of squares) per parameter: a real optimizer update moves them; no full copy of the weights
         def moments(p: torch.Tensor) -> torch.Tensor:
-            values = _local(p.detach()).double()
+            values = local(p.detach()).double()
             return torch.stack([values.sum(), values.pow(2).sum()])
         return {m: torch.stack([moments(p) for _n, p in ps]).cpu() for m, ps in self.groups.items()}
 
@@ -49,7 +47,7 @@ class UpdateMonitor:
         """Accumulate per-module gradient norms (call before the optimizer step zeroes them)."""
         modules, norms = [], []
         for module, params in self.groups.items():
-            grads = [_local(p.grad.detach()).float().pow(2).sum() for _n, p in params if p.grad is not None]
+            grads = [local(p.grad.detach()).float().pow(2).sum() for _n, p in params if p.grad is not None]
             if grads:
                 modules.append(module)
                 norms.append(torch.stack(grads).sum().sqrt())

@@ -87,13 +87,10 @@ def save_outputs(stage_dir: Path, model: Any, tokenizer: Any,
     """Final adapter and tokenizer folders, each written aside and renamed into place. ``adapter_state``: the
     whole trainable weights when the model is sharded (FSDP)."""
     out = []
-    for name, obj in (("adapter", model), ("tokenizer", tokenizer)):
+    for name, obj, kwargs in (("adapter", model, {"state_dict": adapter_state}), ("tokenizer", tokenizer, {})):
         target, tmp = stage_dir / name, stage_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        if name == "adapter" and adapter_state is not None:
-            obj.save_pretrained(tmp, state_dict=adapter_state)
-        else:
-            obj.save_pretrained(tmp)
+        obj.save_pretrained(tmp, **kwargs)  # state_dict None: PEFT reads the model's own
         fsync_tree(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
@@ -178,7 +175,8 @@ def _train(ctx: StageContext, world: World) -> StageResult:
     base = distributed.local_first(world, "loading the base model",
                                    lambda: resolve_base_model(ctx.job.base_model, ctx.home))
     plan = make_plan(spec, ctx.device, base)
-    if world.enabled and spec.distributed.strategy == "fsdp" and plan.method == "qlora":
+    sharded = world.enabled and spec.distributed.strategy == "fsdp"
+    if sharded and plan.method == "qlora":
         raise StageFailed(f"train.method auto chose QLoRA here ({plan.reason}), and fsdp cannot shard 4-bit "
                           "weights; set train.method: lora (fsdp shards the bf16 weights) or strategy: ddp")
     # ranks on one machine share its cores
@@ -202,7 +200,6 @@ def _train(ctx: StageContext, world: World) -> StageResult:
                               num_training_steps=steps)
     state, resumed_from = resume_or_start(stage_dir / CHECKPOINTS, model, optimizer, scheduler,
                                           TrainState(fingerprint=fingerprint(ctx, files)), world)
-    sharded = world.enabled and spec.distributed.strategy == "fsdp"
     # after the resume: FSDP shards what the checkpoint put back and moves the optimizer onto the shards
     wrapper = (fsdp.shard(model, optimizer, world, plan.device) if sharded
                else distributed.wrap(model, world, plan.device))

@@ -69,12 +69,10 @@ def save_training_state(folder: Path, model: Any, optimizer: torch.optim.Optimiz
                         state: TrainState, gathered: Any = None) -> None:
     """Write every file of a checkpoint into ``folder`` (the caller makes it atomic). ``gathered``: an FSDP
     run's whole weights and optimizer state (``fsdp.Gathered``), written in the same format."""
-    if gathered is not None:
-        model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, state_dict=gathered.adapter)
-        torch.save(gathered.optimizer, folder / "optimizer.pt")
-    else:
-        model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    # state_dict None: PEFT reads the model's own (one process, DDP)
+    model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True,
+                          state_dict=gathered.adapter if gathered else None)
+    torch.save(gathered.optimizer if gathered else optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     torch.save({"torch": torch.get_rng_state(), "cuda": cuda}, folder / "rng.pt")
