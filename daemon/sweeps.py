@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from daemon import lrzoom
 from daemon.jobs import ACTIVE_STATES, JobRecord, StageRecord, TrialRecord, new_job_id, utcnow
 from daemon.layout import Layout
 from daemon.store import Store
+from trainbox import lrzoom
 from trainbox.jobspec import JobSpec
 from trainbox.protocol import TrialRef
 from trainbox.study import (apply_params, ask, beat, distributions, fail_lost_trials, make_sampler,
@@ -80,7 +80,7 @@ class SweepController:
         active = [c for c in self.store.trials_of(sweep.id) if c.state in ACTIVE_STATES]
         timed_out = bool(sw.timeout_minutes) and time.time() - sweep.sweep_started_at > sw.timeout_minutes * 60
         if sw.method == "lr_zoom" and not active and not timed_out:
-            lrzoom.enqueue_next_stage(study, sweep.spec, sweep.id, self.layout)
+            lrzoom.enqueue_next_stage(study, sweep.spec, sweep.id, self.layout.home)
         while len(active) < sw.parallel and not timed_out and self._wants_trial(study, sweep.spec):
             child = self._ask(study, sweep)
             if child is None:
@@ -230,7 +230,7 @@ class SweepController:
         self.store.add_event(f"trial_{told}", message, job_id=child.id, sweep=sweep.id)
         log.info("sweep %s: %s", sweep.id, message)
         if sw.method == "lr_zoom":
-            lrzoom.record_point(self.layout, sweep.spec, sweep.id, trial.number, trial.params[lrzoom.KEY],
+            lrzoom.record_point(self.layout.home, sweep.spec, sweep.id, trial.number, trial.params[lrzoom.KEY],
                                 trial.zoom_stage, value, told)
 
     # after the sweep ------------------------------------------------------------------

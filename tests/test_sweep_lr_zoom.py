@@ -9,7 +9,7 @@ import yaml
 
 from conftest import FAST_SETTINGS, REPO, jobs_json
 from daemon.layout import Layout
-from daemon.lrzoom import SAME_LR
+from trainbox.lrzoom import SAME_LR
 from test_sweep_daemon import run_once
 
 DATA = REPO / "configs" / "demo" / "demo_safety.jsonl"

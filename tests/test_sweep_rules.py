@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon import lrzoom
 from daemon.layout import Layout
+from trainbox import lrzoom
 from trainbox.jobfile import load_job_file
 from trainbox.jobspec import JobSpec
 from trainbox.preflight import check_job
@@ -102,20 +102,20 @@ def test_lr_zoom_zooms_around_the_best_and_skips_what_an_earlier_run_tried(tmp_p
     layout = Layout(tmp_path)
     spec = spec_with(method="lr_zoom", trials=None, zoom="3-3", direction="minimize")
     study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "zoom", "minimize")
-    lrzoom.enqueue_next_stage(study, spec, "run1", layout)
+    lrzoom.enqueue_next_stage(study, spec, "run1", layout.home)
     stage0 = enqueued(study)
     assert stage0 == pytest.approx([1e-4, 1e-3, 1e-2])
     for number, lr in enumerate(stage0):  # the middle one wins
         trial = study.ask()
         trial.suggest_float("train.learning_rate", 1e-4, 1e-2, log=True)
         study.tell(trial, abs(math.log10(lr) + 3))
-        lrzoom.record_point(layout, spec, "run1", number, lr, 0, abs(math.log10(lr) + 3), "complete")
-    lrzoom.enqueue_next_stage(study, spec, "run1", layout)
+        lrzoom.record_point(layout.home, spec, "run1", number, lr, 0, abs(math.log10(lr) + 3), "complete")
+    lrzoom.enqueue_next_stage(study, spec, "run1", layout.home)
     waiting = enqueued(study)
     assert waiting == pytest.approx([10 ** -3.5, 10 ** -2.5])  # the middle point (the best) was tried
     # a second run of the same job name: stage 0 is all tried already, so it goes straight to the zoom
     fresh = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "zoom-again", "minimize")
-    lrzoom.enqueue_next_stage(fresh, spec, "run2", layout)
+    lrzoom.enqueue_next_stage(fresh, spec, "run2", layout.home)
     assert enqueued(fresh) == pytest.approx(waiting)
     assert [t.user_attrs["zoom_stage"] for t in fresh.get_trials()] == [1, 1]
 

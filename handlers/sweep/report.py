@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # no display in a stage process
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
-from daemon import lrzoom  # noqa: E402  (json-only helpers; the cumulative file's one reader and writer)
 from handlers.context import StageContext  # noqa: E402
+from trainbox import lrzoom  # noqa: E402
 from trainbox.errors import StageFailed  # noqa: E402
 from trainbox.fsio import write_json_atomically, write_text_atomically  # noqa: E402
 from trainbox.protocol import StageResult  # noqa: E402

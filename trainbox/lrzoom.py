@@ -4,7 +4,8 @@ Stage 0 tries learning rates log-spaced over the range; each next stage spaces i
 the best so far's neighbours on the previous stage's spacing, so the search zooms in. A learning rate within
 10 % of one already tried (in this run or an earlier run of the same job name, from
 ``sweeps/<name>/lr_sweep_cumulative.json``) is not run again. Each stage's points are enqueued in the study as
-fixed trials; the controller runs them like any other trial.
+fixed trials; the daemon's sweep controller runs them like any other trial. Torch-free and daemon-free: the
+controller plans and records with it, the sweep stage's report reads the cumulative file with it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.layout import Layout
 from trainbox.fsio import read_json, write_json_atomically
 from trainbox.jobspec import JobSpec
 
@@ -35,13 +35,13 @@ def load_points(home: Path, name: str) -> list[dict[str, Any]]:
     return (read_json(folder(home, name) / CUMULATIVE, {}) or {}).get("points", [])
 
 
-def record_point(layout: Layout, spec: JobSpec, sweep_id: str, number: int, learning_rate: float,
+def record_point(home: Path, spec: JobSpec, sweep_id: str, number: int, learning_rate: float,
                  stage: int | None, value: float | None, state: str) -> None:
     """Add (or replace) one finished trial in the job name's cumulative file."""
-    points = [p for p in load_points(layout.home, spec.name) if (p["sweep_job"], p["trial"]) != (sweep_id, number)]
+    points = [p for p in load_points(home, spec.name) if (p["sweep_job"], p["trial"]) != (sweep_id, number)]
     points.append({"learning_rate": learning_rate, "value": value, "state": state, "stage": stage,
                    "sweep_job": sweep_id, "trial": number})
-    write_json_atomically(folder(layout.home, spec.name) / CUMULATIVE, {
+    write_json_atomically(folder(home, spec.name) / CUMULATIVE, {
         "job": spec.name, "metric": spec.sweep.metric, "objective": spec.sweep.objective,
         "direction": spec.sweep.direction, "points": points})
 
@@ -78,7 +78,7 @@ def is_new(lr: float, tried: list[float]) -> bool:
     return all(abs(lr / t - 1) > SAME_LR for t in tried)
 
 
-def enqueue_next_stage(study: "optuna.Study", spec: JobSpec, sweep_id: str, layout: Layout) -> None:
+def enqueue_next_stage(study: "optuna.Study", spec: JobSpec, sweep_id: str, home: Path) -> None:
     """Enqueue the next zoom stage's new learning rates (none once every stage is done or nothing is new)."""
     trials = study.get_trials(deepcopy=False)
     if any(t.state.name in ("WAITING", "RUNNING") for t in trials):
@@ -88,7 +88,7 @@ def enqueue_next_stage(study: "optuna.Study", spec: JobSpec, sweep_id: str, layo
     stage = max([done, *stages]) + 1
     param = spec.sweep.params[KEY]
     counts = spec.sweep.zoom_stages()
-    points = load_points(layout.home, spec.name)
+    points = load_points(home, spec.name)
     while stage < len(counts):
         best = best_point(points, spec.sweep.direction)
         aimed = stage_points(stage, counts, param.low, param.high, best["learning_rate"] if best else None)
