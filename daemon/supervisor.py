@@ -234,15 +234,12 @@ class Supervisor:
         job = self.store.stage_ended(run.job_id, run.index, "skipped" if result.skipped else "succeeded",
                                      summary=result.summary, artifacts=artifacts, message=result.message)
         log.info("job %s: stage %s %s", run.job_id, run.stage, job.stages[run.index].state)
-        if result.summary.get("pruned_at_step") is not None:  # a pruned trial has nothing left to evaluate
-            job = self.store.update_job(run.job_id, lambda j: skip_later_stages(j, run.index, result.message))
+        if result.skip_rest:  # e.g. a pruned trial: nothing left to evaluate
+            job = self.store.update_job(run.job_id, lambda j: skip_later_stages(j, run.index, result.skip_rest))
         if job.first_unfinished() is None:
             self._finish(run.job_id, "succeeded")
-            if run.stage == SWEEP_STAGE and job.spec.sweep.then == "train_best":
-                follow = self.sweeps.train_best(job, result.summary)
-                if follow:
-                    self.store.add_event("job_created", f"{follow.name} ({follow.id}) continues sweep {job.id} "
-                                         "with its best trial", job_id=follow.id)
+            if run.stage == SWEEP_STAGE:
+                self.sweeps.report_written(job, result.summary)
 
     def _store_progress(self, run: Running, force: bool = False) -> None:
         path = run.stage_dir / PROGRESS_FILE
@@ -327,8 +324,8 @@ def run_without_child(job: JobRecord, index: int) -> None:
 
 
 def skip_later_stages(job: JobRecord, index: int, reason: str) -> None:
-    """Skip the stages after ``index`` (a sweep trial its pruner stopped)."""
+    """Skip the stages after ``index`` with ``reason`` (the stage's ``skip_rest``)."""
     for stage in job.stages[index + 1:]:
         if stage.state == "pending":
             stage.move_to("skipped")
-            stage.message = f"the trial was {reason}"
+            stage.message = reason

@@ -234,6 +234,15 @@ class SweepController:
                                 trial.zoom_stage, value, told)
 
     # after the sweep ------------------------------------------------------------------
+    def report_written(self, sweep: JobRecord, summary: dict[str, Any]) -> None:
+        """The sweep ended with its report: start its follow-up job (``then: train_best``)."""
+        if sweep.spec.sweep.then != "train_best":
+            return
+        follow = self.train_best(sweep, summary)
+        if follow:
+            self.store.add_event("job_created", f"{follow.name} ({follow.id}) continues sweep {sweep.id} with its "
+                                 "best trial", job_id=follow.id)
+
     def train_best(self, sweep: JobRecord, summary: dict[str, Any]) -> JobRecord | None:
         """The follow-up job of ``then: train_best``: the best trial's model through the remaining stages."""
         number = summary.get("best_trial")

@@ -74,7 +74,9 @@ class StageResult(BaseModel):
     What the daemon does with it is declared here, never inferred from the stage's name: ``model`` (registry
     fields, no paths) makes the job's model a registry version; ``model_artifacts`` names which of
     ``artifacts`` the registry keeps for it (registry name -> artifact name); ``publish`` names the artifact,
-    a folder, that becomes ``models/<name>/v<version>/`` (every artifact inside it moves along).
+    a folder, that becomes ``models/<name>/v<version>/`` (every artifact inside it moves along);
+    ``skip_rest`` says why the job's later stages have nothing to do (a sweep trial its pruner stopped): they
+    are skipped with that message.
     """
 
     version: int = PROTOCOL_VERSION
@@ -85,6 +87,7 @@ class StageResult(BaseModel):
     model: dict[str, Any] | None = None
     model_artifacts: dict[str, str] = {}
     publish: str | None = None
+    skip_rest: str | None = None
     error: str | None = None
 
     @property

@@ -246,12 +246,12 @@ def _train(ctx: StageContext, world: World) -> StageResult:
 def pruned_result(run: TrainRun, pruned: Pruned) -> StageResult:
     """A sweep trial its pruner stopped: no adapter, the step and loss it stopped at (the metrics files stay)."""
     run.metrics.write_csv()
+    message = f"pruned at step {pruned.step} of {run.total_steps} (eval loss {pruned.eval_loss:.4f})"
     return StageResult(summary={"pruned_at_step": pruned.step, "final_eval_loss": pruned.eval_loss,
                                 "total_steps": run.total_steps, "train_seconds": round(run.state.train_seconds, 3)},
                        artifacts={"metrics_jsonl": metrics.JSONL, "metrics_csv": metrics.CSV,
                                   "checkpoints": CHECKPOINTS},
-                       message=f"pruned at step {pruned.step} of {run.total_steps} "
-                               f"(eval loss {pruned.eval_loss:.4f})")
+                       message=message, skip_rest=f"the trial was {message}")
 
 
 def finish(ctx: StageContext, run: TrainRun, plan: Any, base: str, tokenizer: Any, started: float,
