@@ -11,8 +11,8 @@ from rich.text import Text
 from trainbox.numberformat import format_value
 
 # metrics where a smaller number is better (their deltas are coloured the other way round)
-LOWER_IS_BETTER = ("ece", "ece_after", "preference_p_value", "eval_loss", "example_mean_loss", "perplexity", "latency_p50_ms",
-                   "latency_p95_ms", "p_value", "base_eval_loss", "base_perplexity")
+LOWER_IS_BETTER = ("ece", "ece_after", "preference_p_value", "eval_loss", "example_mean_loss", "perplexity",
+                   "latency_p50_ms", "latency_p95_ms", "p_value", "base_eval_loss", "base_perplexity")
 HEADLINE = ("accuracy", "macro_f1", "critical_recall", "ece", "eval_loss", "perplexity")
 
 

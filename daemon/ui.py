@@ -189,7 +189,7 @@ def job_panel(job: dict[str, Any], trials: list[dict[str, Any]] | None = None) -
         table = Table(title="trials", expand=True)
         for col in ("id", "state", "trial"):
             table.add_column(col, overflow="fold")
-        for t in sorted(trials, key=lambda j: j["trial"]["number"]):
+        for t in trials:  # by trial number (Store.trials_of)
             table.add_row(t["id"], state_text(t["state"]), trial_text(t["trial"]))
         parts.append(table)
     if job["state"] == "waiting":

@@ -212,8 +212,8 @@ class TrainSpec(Strict):
     preference: PreferenceSpec = Field(PreferenceSpec(), description="Preference (contrastive) loss settings.")
     tensorboard: bool = Field(
         False, description="Also write TensorBoard event files to tensorboard/ (pip install 'trainbox[tensorboard]').")
-    distributed: DistributedSpec = Field(DistributedSpec(), description="Several GPUs or machines (DDP through "
-                                                                         "torchrun).")
+    distributed: DistributedSpec = Field(DistributedSpec(), description="Several GPUs or machines (DDP or FSDP "
+                                                                         "through torchrun).")
     profile: str | None = Field(
         None, description="GPU memory to plan for, e.g. `12gb` for a 12 GB card (default: the whole GPU); picks "
                           "QLoRA, gradient checkpointing and tokens per forward pass to fit.")
